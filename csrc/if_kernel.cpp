@@ -1,0 +1,165 @@
+// Multi-step IF neurons: one block of neurons per task, all T steps with the membrane in a
+// block-local array (L1), the neuron index innermost so that the compiler vectorises it.
+// (Neuron-outer / time-inner would stride N elements per step: ~10× slower, DESIGN.md §3.)
+#include "if_kernel.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace rnl_fast {
+namespace {
+
+constexpr int64_t kForwardBlock = 1024;  // 4 KB of fp32 membrane + 4 KB threshold: stays in L1
+constexpr int64_t kBackwardBlock = 256;  // the backward keeps T × block membranes in scratch
+
+template <typename Acc>
+inline Acc surrogate_grad(Acc u, Surrogate surrogate, Acc width) {
+  if (surrogate == Surrogate::kAtan) {
+    const Acc z = static_cast<Acc>(M_PI) * u / width;
+    return (Acc(1) / width) / (Acc(1) + z * z);
+  }
+  return std::abs(u) < Acc(0.5) * width ? Acc(1) / width : Acc(0);
+}
+
+// One block of `n` neurons over all steps. HARD is a template argument so that the inner loop
+// carries no branch on the reset kind.
+template <bool HARD, typename In, typename Out, typename Acc>
+void forward_block(const In* x, const IFShape& shape, int64_t j0, int64_t n, const Acc* th,
+                   Acc v_reset, Acc* v, int32_t* count, Out* spikes, int64_t* step_counts) {
+  for (int64_t t = 0; t < shape.T; ++t) {
+    const In* xt = x + t * shape.t_stride + j0;
+    Out* st = spikes + t * shape.N + j0;
+    int32_t fired_now = 0;
+#pragma omp simd reduction(+ : fired_now)
+    for (int64_t j = 0; j < n; ++j) {
+      const Acc m = v[j] + load<Acc>(xt + j);
+      const bool fired = m >= th[j];
+      if constexpr (HARD) {
+        v[j] = fired ? v_reset : m;
+      } else {
+        v[j] = fired ? m - th[j] : m;
+      }
+      st[j] = spike_value<Out>(fired);
+      count[j] += fired;
+      fired_now += fired;
+    }
+    step_counts[t] += fired_now;
+  }
+}
+
+}  // namespace
+
+template <typename In, typename Out, typename Acc>
+void if_forward(const In* x, IFShape shape, NeuronParam<Acc> v_th, NeuronParam<Acc> v_init,
+                Acc v_reset, Reset reset, Out* spikes, Acc* v_final, int64_t* step_counts,
+                int32_t* neuron_counts, int num_threads) {
+  const int64_t num_blocks = (shape.N + kForwardBlock - 1) / kForwardBlock;
+  std::fill(step_counts, step_counts + shape.T, 0);
+#pragma omp parallel num_threads(num_threads)
+  {
+    std::vector<int64_t> my_step_counts(shape.T, 0);  // per thread: no atomics in the loop
+    alignas(64) Acc v[kForwardBlock];
+    alignas(64) Acc th[kForwardBlock];
+    alignas(64) int32_t count[kForwardBlock];
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < num_blocks; ++b) {
+      const int64_t j0 = b * kForwardBlock;
+      const int64_t n = std::min(kForwardBlock, shape.N - j0);
+      for (int64_t j = 0; j < n; ++j) {
+        v[j] = v_init.at(j0 + j);
+        th[j] = v_th.at(j0 + j);
+        count[j] = 0;
+      }
+      if (reset == Reset::kHard) {
+        forward_block<true>(x, shape, j0, n, th, v_reset, v, count, spikes, my_step_counts.data());
+      } else {
+        forward_block<false>(x, shape, j0, n, th, v_reset, v, count, spikes, my_step_counts.data());
+      }
+      std::copy(v, v + n, v_final + j0);
+      std::copy(count, count + n, neuron_counts + j0);
+    }
+#pragma omp critical
+    for (int64_t t = 0; t < shape.T; ++t) step_counts[t] += my_step_counts[t];
+  }
+}
+
+template <typename In, typename Acc>
+void if_backward(const In* grad_spikes, const Acc* grad_v_final, const In* x, IFShape shape,
+                 NeuronParam<Acc> v_th, NeuronParam<Acc> v_init, Acc v_reset, Reset reset,
+                 Surrogate surrogate, Acc width, bool detach_reset, In* grad_x, Acc* grad_v_init,
+                 int num_threads) {
+  const int64_t num_blocks = (shape.N + kBackwardBlock - 1) / kBackwardBlock;
+  const bool hard = reset == Reset::kHard;
+#pragma omp parallel num_threads(num_threads)
+  {
+    std::vector<Acc> membrane(static_cast<size_t>(shape.T) * kBackwardBlock);  // m[t][j]
+    alignas(64) Acc v[kBackwardBlock];
+    alignas(64) Acc th[kBackwardBlock];
+    alignas(64) Acc grad_v[kBackwardBlock];
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < num_blocks; ++b) {
+      const int64_t j0 = b * kBackwardBlock;
+      const int64_t n = std::min(kBackwardBlock, shape.N - j0);
+      for (int64_t j = 0; j < n; ++j) {
+        v[j] = v_init.at(j0 + j);
+        th[j] = v_th.at(j0 + j);
+        grad_v[j] = grad_v_final ? grad_v_final[j0 + j] : Acc(0);
+      }
+      // Recompute the pre-spike membrane exactly as the forward pass did.
+      for (int64_t t = 0; t < shape.T; ++t) {
+        const In* xt = x + t * shape.t_stride + j0;
+        Acc* mt = membrane.data() + t * kBackwardBlock;
+        for (int64_t j = 0; j < n; ++j) {
+          const Acc m = v[j] + load<Acc>(xt + j);
+          const bool fired = m >= th[j];
+          mt[j] = m;
+          v[j] = fired ? (hard ? v_reset : m - th[j]) : m;
+        }
+      }
+      // Sweep back in time: dL/dm_t = dL/ds_t·σ'(m_t − θ) + dL/dv_t·dv_t/dm_t, dL/dv_{t−1} = dL/dm_t.
+      for (int64_t t = shape.T - 1; t >= 0; --t) {
+        const Acc* mt = membrane.data() + t * kBackwardBlock;
+        const In* gst = grad_spikes ? grad_spikes + t * shape.N + j0 : nullptr;
+        In* gxt = grad_x + t * shape.N + j0;
+        for (int64_t j = 0; j < n; ++j) {
+          const Acc m = mt[j];
+          const Acc sg = surrogate_grad(m - th[j], surrogate, width);
+          const Acc fired = m >= th[j] ? Acc(1) : Acc(0);
+          Acc dv_dm;
+          if (hard) {
+            dv_dm = detach_reset ? Acc(1) - fired : Acc(1) - fired + (v_reset - m) * sg;
+          } else {
+            dv_dm = detach_reset ? Acc(1) : Acc(1) - th[j] * sg;
+          }
+          const Acc gs = gst ? load<Acc>(gst + j) : Acc(0);
+          const Acc gm = gs * sg + grad_v[j] * dv_dm;
+          store(gxt + j, gm);
+          grad_v[j] = gm;
+        }
+      }
+      std::copy(grad_v, grad_v + n, grad_v_init + j0);
+    }
+  }
+}
+
+// Instantiations: spikes come out in the input's dtype or as bytes (uint8 / bool).
+#define RNL_FAST_IF_FORWARD(In, Out, Acc)                                                      \
+  template void if_forward<In, Out, Acc>(const In*, IFShape, NeuronParam<Acc>,                 \
+                                         NeuronParam<Acc>, Acc, Reset, Out*, Acc*, int64_t*,   \
+                                         int32_t*, int);
+#define RNL_FAST_IF_TYPES(In, Acc)                                                             \
+  RNL_FAST_IF_FORWARD(In, In, Acc)                                                             \
+  RNL_FAST_IF_FORWARD(In, uint8_t, Acc)                                                        \
+  template void if_backward<In, Acc>(const In*, const Acc*, const In*, IFShape,                \
+                                     NeuronParam<Acc>, NeuronParam<Acc>, Acc, Reset, Surrogate, \
+                                     Acc, bool, In*, Acc*, int);
+
+RNL_FAST_IF_TYPES(float, float)
+RNL_FAST_IF_TYPES(double, double)
+RNL_FAST_IF_TYPES(f16_t, float)
+RNL_FAST_IF_TYPES(bf16_t, float)
+
+}  // namespace rnl_fast

@@ -1,0 +1,68 @@
+// Element types the kernels read and write, and their conversions to the arithmetic type.
+//
+// No torch headers here (DESIGN.md §3): tensors reach us as raw pointers, and fp16/bf16 are
+// plain 16-bit storage types converted by hand.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace rnl_fast {
+
+// Storage codes shared with rnl_fast/ops.py (_DTYPE_CODES): keep the two in sync.
+enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3, kUInt8 = 4 };
+
+struct bf16_t {
+  uint16_t bits;
+};
+
+#if defined(__FLT16_MAX__)
+using f16_t = _Float16;  // GCC ≥ 12 on x86-64: hardware (F16C) conversions where available
+#else
+#error "rnl_fast needs a compiler with _Float16 (GCC >= 12 or Clang >= 15 on x86-64 / aarch64)"
+#endif
+
+template <typename Acc, typename T>
+inline Acc load(const T* p) {
+  return static_cast<Acc>(*p);
+}
+
+template <typename Acc>
+inline Acc load(const bf16_t* p) {
+  uint32_t bits = static_cast<uint32_t>(p->bits) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return static_cast<Acc>(f);
+}
+
+template <typename T, typename Acc>
+inline void store(T* p, Acc v) {
+  *p = static_cast<T>(v);
+}
+
+template <typename Acc>
+inline void store(bf16_t* p, Acc v) {
+  // Round to nearest even, as torch does; NaN stays a quiet NaN.
+  float f = static_cast<float>(v);
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) {
+    p->bits = 0x7fc0;
+    return;
+  }
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  p->bits = static_cast<uint16_t>(bits >> 16);
+}
+
+// A spike (0 or 1) in each storage type; spikes never need rounding.
+template <typename T>
+inline T spike_value(bool fired) {
+  return static_cast<T>(fired ? 1 : 0);
+}
+
+template <>
+inline bf16_t spike_value<bf16_t>(bool fired) {
+  return bf16_t{static_cast<uint16_t>(fired ? 0x3f80 : 0)};
+}
+
+}  // namespace rnl_fast

@@ -1,0 +1,96 @@
+// Rate Norm: elementwise passes, split statically over threads; each reduction is a per-thread
+// double accumulator, so the sums do not depend on the schedule beyond rounding order.
+#include "rate_norm_kernel.h"
+
+#include <omp.h>
+
+#include <algorithm>
+
+namespace rnl_fast {
+
+template <typename In>
+double relu_max(const In* x, int64_t M, int num_threads) {
+  float best = 0.0f;  // relu: the max is never below 0
+#pragma omp parallel for simd num_threads(num_threads) reduction(max : best) schedule(static)
+  for (int64_t i = 0; i < M; ++i) {
+    const float v = load<float>(x + i);
+    best = v > best ? v : best;  // false for NaN: NaN is skipped
+  }
+  return best;
+}
+
+template <typename In, typename Acc>
+RateSums rate_norm_forward(const In* x, int64_t M, Acc theta, In* r, int num_threads) {
+  double sum_r = 0.0, sum_r2 = 0.0;
+#pragma omp parallel num_threads(num_threads)
+  {
+    // Accumulate in Acc within chunks of 4096 (vectorisable), then in double across chunks.
+    constexpr int64_t kChunk = 4096;
+    double my_r = 0.0, my_r2 = 0.0;
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < (M + kChunk - 1) / kChunk; ++c) {
+      const int64_t end = std::min(M, (c + 1) * kChunk);
+      Acc chunk_r = 0, chunk_r2 = 0;
+#pragma omp simd reduction(+ : chunk_r, chunk_r2)
+      for (int64_t i = c * kChunk; i < end; ++i) {
+        const Acc v = load<Acc>(x + i);
+        // clip(v, 0, θ) written so that NaN stays NaN (std::min/max would drop it).
+        const Acc clipped = v < Acc(0) ? Acc(0) : (v > theta ? theta : v);
+        const Acc rate = clipped / theta;
+        store(r + i, rate);
+        chunk_r += rate;
+        chunk_r2 += rate * rate;
+      }
+      my_r += chunk_r;
+      my_r2 += chunk_r2;
+    }
+#pragma omp atomic
+    sum_r += my_r;
+#pragma omp atomic
+    sum_r2 += my_r2;
+  }
+  return {sum_r, sum_r2};
+}
+
+template <typename In, typename Acc>
+double rate_norm_backward(const In* grad_r, Acc grad_sum_r, Acc grad_sum_r2, const In* x,
+                          int64_t M, Acc theta, In* grad_x, int num_threads) {
+  double grad_theta = 0.0;
+#pragma omp parallel num_threads(num_threads)
+  {
+    constexpr int64_t kChunk = 4096;
+    double mine = 0.0;
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < (M + kChunk - 1) / kChunk; ++c) {
+      const int64_t end = std::min(M, (c + 1) * kChunk);
+      Acc chunk = 0;
+#pragma omp simd reduction(+ : chunk)
+      for (int64_t i = c * kChunk; i < end; ++i) {
+        const Acc v = load<Acc>(x + i);
+        const bool inside = v >= Acc(0) && v <= theta;  // inclusive, like torch.clamp's backward
+        const Acc rate = v < Acc(0) ? Acc(0) : (v > theta ? Acc(1) : v / theta);
+        const Acc g = (grad_r ? load<Acc>(grad_r + i) : Acc(0)) + grad_sum_r +
+                      Acc(2) * rate * grad_sum_r2;
+        store(grad_x + i, inside ? g / theta : Acc(0));
+        chunk += inside ? -g * rate / theta : Acc(0);
+      }
+      mine += chunk;
+    }
+#pragma omp atomic
+    grad_theta += mine;
+  }
+  return grad_theta;
+}
+
+#define RNL_FAST_RATE_NORM_TYPES(In, Acc)                                                    \
+  template double relu_max<In>(const In*, int64_t, int);                                     \
+  template RateSums rate_norm_forward<In, Acc>(const In*, int64_t, Acc, In*, int);           \
+  template double rate_norm_backward<In, Acc>(const In*, Acc, Acc, const In*, int64_t, Acc,  \
+                                              In*, int);
+
+RNL_FAST_RATE_NORM_TYPES(float, float)
+RNL_FAST_RATE_NORM_TYPES(double, double)
+RNL_FAST_RATE_NORM_TYPES(f16_t, float)
+RNL_FAST_RATE_NORM_TYPES(bf16_t, float)
+
+}  // namespace rnl_fast

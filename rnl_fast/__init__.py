@@ -1,0 +1,23 @@
+"""rnl_fast: fast, exact ANN→SNN conversion with Rate Norm Layers (Ding et al., IJCAI 2021).
+
+The layers: :class:`IFSequence` (multi-step integrate-and-fire, one fused kernel per call) and
+:class:`RateNorm` (fused Rate Norm Layer with the Rate Inference Loss sums). The ops underneath
+are :func:`rnl_fast.ops.if_sequence` and :func:`rnl_fast.ops.rate_norm`; their pure-PyTorch
+definitions are in :mod:`rnl_fast.reference`.
+"""
+
+from .nn import IFSequence, RateNorm, rate_inference_loss
+from .ops import backend_for, if_sequence, rate_norm
+from .reference import omega
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "IFSequence",
+    "RateNorm",
+    "backend_for",
+    "if_sequence",
+    "omega",
+    "rate_inference_loss",
+    "rate_norm",
+]

@@ -1,0 +1,179 @@
+"""The two layers as nn.Modules: :class:`IFSequence` (spiking) and :class:`RateNorm` (ANN).
+
+Modules hold state (membrane, spike counts, running max) and call :mod:`rnl_fast.ops`; they
+know nothing of training, conversion or simulation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+from .reference import OMEGA_EPS, SURROGATES, THETA_EPS
+
+#: The raw logit that ``p_init = 1.0`` maps to: p = sigmoid(10) ≈ 0.99995, as the official code.
+RAW_P_MAX = 10.0
+
+
+class IFSequence(nn.Module):
+    """Multi-step integrate-and-fire neurons with soft (or hard) reset, one kernel per call.
+
+    A drop-in for SpikingJelly's ``IFNode(v_reset=None, step_mode="m")``: ``forward(x: [T, B, ...])
+    → spikes [T, B, ...]``. The membrane ``.v`` carries over between calls until :meth:`reset`,
+    so feeding x in chunks of steps gives exactly the spikes of one call (and, with gradients,
+    exact backpropagation through time across the chunks).
+
+    Attributes:
+        v: ``[B, ...]`` membrane after the last step (float32; None before the first call).
+        step_spike_counts: ``[steps]`` int64, one entry per step simulated since reset: spikes
+            summed over batch and neurons (the input of the energy model, paper Eq. 14).
+        neuron_spike_counts: ``[B, ...]`` int64, spikes per neuron summed over steps since reset.
+
+    Args:
+        v_threshold: positive float, or a tensor broadcastable to the neuron shape ``[B, ...]``
+            (e.g. ``[C, 1, 1]`` per channel); stored as a buffer.
+        v_reset: None for soft reset (reset by subtraction, paper Eq. 3), else hard reset to it.
+        v_init: initial membrane after reset (e.g. ``0.5 * v_threshold`` as QCFS uses).
+        surrogate, width: surrogate gradient (:func:`rnl_fast.reference.surrogate_grad`).
+        detach_reset: no gradient through the reset.
+        spike_dtype: None (the input's dtype), ``torch.uint8`` or ``torch.bool`` for inference.
+    """
+
+    def __init__(
+        self,
+        v_threshold: float | Tensor = 1.0,
+        v_reset: float | None = None,
+        v_init: float | Tensor = 0.0,
+        surrogate: str = "atan",
+        width: float = 1.0,
+        detach_reset: bool = False,
+        spike_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if surrogate not in SURROGATES:
+            raise ValueError(f"surrogate must be one of {SURROGATES}, got {surrogate!r}")
+        if isinstance(v_threshold, Tensor):
+            self.register_buffer("v_threshold", v_threshold.detach().clone().float())
+        else:
+            if not (isinstance(v_threshold, (int, float)) and math.isfinite(v_threshold) and v_threshold > 0):
+                raise ValueError(f"v_threshold must be a positive finite float or a tensor, got {v_threshold!r}")
+            self.v_threshold = float(v_threshold)
+        self.v_reset = v_reset
+        self.v_init = v_init
+        self.surrogate = surrogate
+        self.width = width
+        self.detach_reset = detach_reset
+        self.spike_dtype = spike_dtype
+        self.v: Tensor | None = None
+        self.step_spike_counts: Tensor | None = None
+        self.neuron_spike_counts: Tensor | None = None
+
+    def reset(self) -> None:
+        """Forget the membrane and the spike counts (call between independent inputs)."""
+        self.v = None
+        self.step_spike_counts = None
+        self.neuron_spike_counts = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x: [T, B, ...]`` input current → spikes ``[T, B, ...]``."""
+        if self.v is not None and x.dim() >= 1 and self.v.shape != x.shape[1:]:
+            raise ValueError(
+                f"x has neuron shape {tuple(x.shape[1:])} but the carried membrane has "
+                f"{tuple(self.v.shape)}: call reset() between inputs of different shapes"
+            )
+        result = ops.if_sequence(
+            x,
+            v_th=self.v_threshold,
+            v_init=self.v if self.v is not None else self.v_init,
+            v_reset=self.v_reset,
+            surrogate=self.surrogate,
+            width=self.width,
+            detach_reset=self.detach_reset,
+            spike_dtype=self.spike_dtype,
+        )
+        self.v = result.v
+        if self.step_spike_counts is None:
+            self.step_spike_counts = result.step_counts
+            self.neuron_spike_counts = result.neuron_counts.to(torch.int64)
+        else:
+            self.step_spike_counts = torch.cat([self.step_spike_counts, result.step_counts])
+            self.neuron_spike_counts = self.neuron_spike_counts + result.neuron_counts
+        return result.spikes
+
+    def extra_repr(self) -> str:
+        th = self.v_threshold
+        th_text = f"tensor{tuple(th.shape)}" if isinstance(th, Tensor) else f"{th:g}"
+        reset = "soft" if self.v_reset is None else f"hard to {self.v_reset:g}"
+        return f"v_threshold={th_text}, reset={reset}, surrogate={self.surrogate}(width={self.width:g})"
+
+
+def raw_from_p(p: float) -> float:
+    """The logit stored for a value p in (0, 1]; p = 1 maps to :data:`RAW_P_MAX` (p ≈ 0.99995)."""
+    return min(math.log(p / (1.0 - p)), RAW_P_MAX) if p < 1.0 else RAW_P_MAX
+
+
+class RateNorm(nn.Module):
+    """Rate Norm Layer (paper Eq. 6): ``r̂ = clip(x, 0, θ)/θ``, ``θ = p·running_max``.
+
+    Replaces ReLU in the ANN; its output is the firing rate the converted IF neuron (threshold θ)
+    reaches (Theorem 1). In training mode the running max is updated from each batch before θ is
+    used (``running_max ← (1−m)·running_max + m·max(relu(x))``, no host sync). Each forward also
+    leaves the layer's Rate Inference Loss ``Ω = Σr̂ / (Σr̂² + 1e-5)`` in :attr:`omega`, computed
+    in the same fused pass and differentiable.
+
+    Args:
+        momentum: running-max momentum m in (0, 1].
+        p_init: initial p in (0, 1]; 1.0 gives p ≈ 1 (raw logit 10), as the paper's stage 1.
+        p: a shared raw-logit ``nn.Parameter`` (one p for several layers, paper appendix);
+            when None the layer owns exactly one parameter, ``raw_p``.
+
+    Shape: any ``[*]`` → same shape and dtype.
+    """
+
+    def __init__(self, momentum: float = 0.1, p_init: float = 1.0, p: nn.Parameter | None = None) -> None:
+        super().__init__()
+        if not (isinstance(momentum, (int, float)) and 0.0 < momentum <= 1.0):
+            raise ValueError(f"momentum must be in (0, 1], got {momentum!r}")
+        if not (isinstance(p_init, (int, float)) and 0.0 < p_init <= 1.0):
+            raise ValueError(f"p_init must be in (0, 1], got {p_init!r}")
+        if p is not None and not (isinstance(p, nn.Parameter) and p.numel() == 1):
+            raise ValueError("p must be a one-element nn.Parameter (the shared raw logit of p) or None")
+        self.momentum = float(momentum)
+        self.raw_p = p if p is not None else nn.Parameter(torch.tensor(raw_from_p(float(p_init))))
+        self.register_buffer("running_max", torch.tensor(1.0))
+        self.omega: Tensor | None = None
+
+    @property
+    def p(self) -> Tensor:
+        """``[]`` p = sigmoid(raw_p), in (0, 1) (detached)."""
+        return torch.sigmoid(self.raw_p.detach())
+
+    @property
+    def threshold(self) -> Tensor:
+        """``[]`` θ = p·running_max + 1e-6: the IF threshold of the converted neuron."""
+        return self.p * self.running_max + THETA_EPS
+
+    def forward(self, x: Tensor) -> Tensor:
+        result = ops.rate_norm(x, self.raw_p, self.running_max, self.momentum, self.training)
+        if self.training:
+            with torch.no_grad():
+                self.running_max.copy_(result.running_max)
+        self.omega = result.sum_r / (result.sum_r2 + OMEGA_EPS)
+        return result.r
+
+    def extra_repr(self) -> str:
+        return f"momentum={self.momentum:g}, p={self.p.item():.4f}, running_max={self.running_max.item():.4g}"
+
+
+def rate_inference_loss(model: nn.Module) -> Tensor:
+    """Mean Rate Inference Loss Ω over the model's Rate Norm Layers (paper Eq. 9), from their
+    last forward pass; differentiable w.r.t. the weights and the p's."""
+    omegas = [m.omega for m in model.modules() if isinstance(m, RateNorm)]
+    if not omegas:
+        raise ValueError("the model has no RateNorm layers: the Rate Inference Loss needs at least one")
+    if any(o is None for o in omegas):
+        raise RuntimeError("run a forward pass before rate_inference_loss(): some RateNorm layers have no Ω yet")
+    return torch.stack(omegas).mean()

@@ -1,0 +1,166 @@
+"""Pure-PyTorch definitions of every rnl_fast op: the specification.
+
+Every fast backend (C++ in ``csrc/``, Triton in ``kernels/``) is tested against these functions
+element for element, the benchmarks use them as the eager baseline, and
+``RNL_FAST_BACKEND=torch`` runs them instead of the kernels. They are written for clarity,
+not speed: one Python-level loop over time, autograd for the backward pass.
+
+Shapes: ``T`` time steps, ``N`` (or ``*``) neurons; the neuron shape is whatever follows T.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+#: Added to the Rate Norm threshold θ (official RNL code) so that θ never divides by zero.
+THETA_EPS = 1e-6
+#: Added to ‖r̂‖₂² in the Rate Inference Loss Ω = ‖r̂‖₁ / (‖r̂‖₂² + OMEGA_EPS) (official RNL code).
+OMEGA_EPS = 1e-5
+#: Names of the surrogate derivatives of the Heaviside step that the IF backward pass can use.
+SURROGATES = ("atan", "rectangle")
+
+
+def compute_dtype_of(dtype: torch.dtype) -> torch.dtype:
+    """The arithmetic dtype of every op: float64 for float64 tensors, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def surrogate_grad(u: Tensor, surrogate: str, width: float) -> Tensor:
+    """Derivative of the smooth stand-in for the Heaviside step H(u), u = m − v_th.
+
+    Both shapes integrate to 1 over u and have a full width of about ``width`` (in the units of
+    the membrane potential):
+
+    - ``"atan"``: σ'(u) = (1/w) / (1 + (π·u/w)²), the derivative of ½ + atan(π·u/w)/π.
+      ``width = 1`` is SpikingJelly's default ``surrogate.ATan(alpha=2)`` (w = 2/alpha).
+    - ``"rectangle"``: σ'(u) = 1/w where |u| < w/2, else 0 (straight-through within a window).
+    """
+    if surrogate == "atan":
+        return (1.0 / width) / (1.0 + (math.pi * u / width) ** 2)
+    if surrogate == "rectangle":
+        return (u.abs() < 0.5 * width).to(u.dtype) / width
+    raise ValueError(f"surrogate must be one of {SURROGATES}, got {surrogate!r}")
+
+
+class _Heaviside(torch.autograd.Function):
+    """H(u) = (u >= 0) forward, the surrogate derivative backward."""
+
+    @staticmethod
+    def forward(ctx, u: Tensor, surrogate: str, width: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(u)
+        ctx.surrogate, ctx.width = surrogate, width
+        return (u >= 0).to(u.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_spike: Tensor):  # type: ignore[override]
+        (u,) = ctx.saved_tensors
+        return grad_spike * surrogate_grad(u, ctx.surrogate, ctx.width), None, None
+
+
+def if_sequence(
+    x: Tensor,
+    v_th: Tensor | float = 1.0,
+    v_init: Tensor | float = 0.0,
+    v_reset: float | None = None,
+    surrogate: str = "atan",
+    width: float = 1.0,
+    detach_reset: bool = False,
+    spike_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Multi-step integrate-and-fire neurons (paper Eq. 3), one step at a time.
+
+    For t = 0..T−1: ``m = v + x[t]``; ``s[t] = (m >= v_th)``; then soft reset ``v = m − v_th·s[t]``
+    (``v_reset is None``) or hard reset ``v = v_reset if s[t] else m``.
+
+    Arithmetic runs in float32 (float64 for float64 input). A NaN in ``x`` makes ``m`` NaN: that
+    neuron does not fire at that step and its membrane stays NaN (silent) from then on.
+
+    Args:
+        x: ``[T, *]`` input current per step.
+        v_th: threshold, a positive float or a tensor broadcastable to ``x.shape[1:]``.
+        v_init: initial membrane, a float or a tensor broadcastable to ``x.shape[1:]``.
+        v_reset: ``None`` for soft reset (reset by subtraction), else the hard-reset potential.
+        surrogate, width: the surrogate gradient of the Heaviside step (see :func:`surrogate_grad`).
+        detach_reset: if True, no gradient flows through the reset term.
+        spike_dtype: dtype of the spikes; ``None`` means ``x.dtype``.
+
+    Returns:
+        spikes ``[T, *]`` (0/1 in ``spike_dtype``), final membrane ``[*]`` (float32, float64 for
+        float64 input), spikes per step ``[T]`` (int64, summed over neurons), spikes per neuron
+        ``[*]`` (int32, summed over steps).
+    """
+    compute_dtype = compute_dtype_of(x.dtype)
+    neuron_shape = x.shape[1:]
+    v_th_t = torch.as_tensor(v_th, dtype=compute_dtype, device=x.device).expand(neuron_shape)
+    v = torch.as_tensor(v_init, dtype=compute_dtype, device=x.device).expand(neuron_shape)
+    spikes = []
+    for t in range(x.shape[0]):
+        m = v + x[t].to(compute_dtype)
+        s = _Heaviside.apply(m - v_th_t, surrogate, width)
+        reset = s.detach() if detach_reset else s
+        if v_reset is None:
+            v = m - v_th_t * reset
+        else:
+            v = m * (1.0 - reset) + v_reset * reset
+        spikes.append(s)
+    s_all = torch.stack(spikes)
+    step_counts = s_all.detach().flatten(1).sum(1, dtype=torch.int64)
+    neuron_counts = s_all.detach().sum(0, dtype=torch.int64).to(torch.int32)
+    return s_all.to(spike_dtype or x.dtype), v, step_counts, neuron_counts
+
+
+def rate_norm_threshold(raw_p: Tensor, running_max: Tensor, compute_dtype: torch.dtype) -> Tensor:
+    """θ = sigmoid(raw_p)·running_max + THETA_EPS, ``[]`` in ``compute_dtype``."""
+    return torch.sigmoid(raw_p.to(compute_dtype)) * running_max.to(compute_dtype) + THETA_EPS
+
+
+def running_max_update(x: Tensor, running_max: Tensor, momentum: float) -> Tensor:
+    """``(1 − m)·running_max + m·max(relu(x))`` over the whole tensor, NaN elements skipped.
+
+    Skipping NaN keeps one corrupt batch from poisoning the layer's threshold for good; the
+    output r̂ and the sums are NaN for that batch anyway. No gradient flows through the max.
+    """
+    x = x.detach()
+    batch_max = torch.where(torch.isnan(x), 0.0, x).clamp_min(0).amax().to(running_max.dtype)
+    return (1.0 - momentum) * running_max + momentum * batch_max
+
+
+def rate_norm(
+    x: Tensor,
+    raw_p: Tensor,
+    running_max: Tensor,
+    momentum: float = 0.1,
+    training: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Rate Norm Layer (paper Eq. 6, official code): ``r̂ = clip(x, 0, θ) / θ``.
+
+    ``θ = sigmoid(raw_p)·running_max + THETA_EPS``; in training mode ``running_max`` is first
+    replaced by :func:`running_max_update` (the new value is returned, not written in place).
+
+    Args:
+        x: ``[*]`` any shape, floating.
+        raw_p: ``[]`` the trainable logit of p (p = sigmoid(raw_p)).
+        running_max: ``[]`` float32 buffer.
+
+    Returns:
+        r̂ ``[*]`` in ``x.dtype``; the running max used ``[]``; Σr̂ ``[]`` and Σr̂² ``[]`` over all
+        elements (float32, float64 for float64 input), for the Rate Inference Loss.
+    """
+    compute_dtype = compute_dtype_of(x.dtype)
+    if training:
+        running_max = running_max_update(x, running_max, momentum)
+    theta = rate_norm_threshold(raw_p, running_max, compute_dtype)
+    r = torch.clamp(x.to(compute_dtype), torch.zeros_like(theta), theta) / theta
+    return r.to(x.dtype), running_max, r.sum(), (r * r).sum()
+
+
+def omega(r: Tensor) -> Tensor:
+    """Rate Inference Loss of one layer (paper Eq. 8): ``Ω = ‖r̂‖₁ / (‖r̂‖₂² + OMEGA_EPS)``.
+
+    ``r``: rates r̂ ≥ 0 of any shape; all elements (the whole batch) count, as in the official code.
+    """
+    r = r.to(compute_dtype_of(r.dtype))
+    return r.sum() / ((r * r).sum() + OMEGA_EPS)

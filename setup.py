@@ -1,0 +1,29 @@
+"""Builds the C++ CPU kernels (csrc/ → rnl_fast._C); everything else is in pyproject.toml.
+
+The extension is plain C++ with pybind11: no torch headers, hence no torch in the build
+environment (DESIGN.md §3). Flags: -O3 with OpenMP for the cores and, unless
+RNL_FAST_PORTABLE=1, -march=native so the compiler uses every vector unit of the build machine
+(build where you run; set RNL_FAST_PORTABLE=1 for a wheel that must run elsewhere).
+"""
+
+import os
+
+from pybind11.setup_helpers import Pybind11Extension
+from setuptools import setup
+
+portable = os.environ.get("RNL_FAST_PORTABLE", "0") == "1"
+compile_args = ["-O3", "-fopenmp", "-fno-math-errno"]
+if not portable:
+    compile_args.append("-march=native")
+
+setup(
+    ext_modules=[
+        Pybind11Extension(
+            "rnl_fast._C",
+            sorted(os.path.join("csrc", f) for f in os.listdir("csrc") if f.endswith(".cpp")),
+            cxx_std=17,
+            extra_compile_args=compile_args,
+            extra_link_args=["-fopenmp"],
+        )
+    ],
+)

@@ -1,0 +1,43 @@
+"""Shared test fixtures: the backends to compare, and the Triton interpreter on CPU machines."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+# Without a GPU the Triton kernels run under the interpreter on CPU tensors; the variable must
+# be set before triton compiles (decorates) any kernel.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_CUDA = torch.cuda.is_available()
+CPU_BACKENDS = [
+    pytest.param("cpp", id="cpp"),
+    pytest.param("triton", id="triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")),
+    pytest.param("torch", id="torch"),
+]
+
+
+@pytest.fixture(params=CPU_BACKENDS)
+def backend(request, monkeypatch) -> str:
+    """Each CPU-runnable backend in turn, selected through RNL_FAST_BACKEND."""
+    monkeypatch.setenv("RNL_FAST_BACKEND", request.param)
+    return request.param
+
+
+# Inputs are drawn fresh each run (a fast path must be right on any valid input); the seed is
+# printed in the header, and RNL_FAST_TEST_SEED=<seed> replays a failing run.
+SEED = int(os.environ.get("RNL_FAST_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+
+
+def pytest_report_header(config) -> str:
+    return f"rnl_fast test seed: {SEED} (replay with RNL_FAST_TEST_SEED={SEED})"
+
+
+@pytest.fixture(autouse=True)
+def _seed(request) -> None:
+    torch.manual_seed(SEED + sum(map(ord, request.node.nodeid)))

@@ -1,0 +1,85 @@
+"""Registration checks: opcheck on each op, and torch.compile(fullgraph=True) with no graph break."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import rnl_fast
+import rnl_fast.ops  # noqa: F401  (registers the ops)
+
+
+def _if_args(requires_grad: bool):
+    x = (torch.randn(6, 3, 5) * 0.8 + 0.3).requires_grad_(requires_grad)
+    v_th, v_init = torch.tensor(0.7), (torch.randn(3, 5) * 0.1).requires_grad_(requires_grad)
+    return (x, v_th, v_init, 0.0, False, "atan", 1.0, False, torch.float32)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["no-grad", "grad"])
+def test_opcheck_if(requires_grad):
+    torch.library.opcheck(torch.ops.rnl_fast.if_forward.default, _if_args(requires_grad))
+
+
+def test_opcheck_if_backward():
+    x, v_th, v_init, *rest = _if_args(False)
+    args = (torch.randn(6, 3, 5), torch.randn(3, 5), x, v_th, v_init, 0.0, False, "atan", 1.0, False)
+    torch.library.opcheck(torch.ops.rnl_fast.if_backward.default, args)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["no-grad", "grad"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_opcheck_rate_norm(requires_grad, training):
+    x = torch.randn(4, 9).requires_grad_(requires_grad)
+    raw_p = torch.tensor(1.5, requires_grad=requires_grad)
+    torch.library.opcheck(torch.ops.rnl_fast.rate_norm_forward.default, (x, raw_p, torch.tensor(1.2), 0.1, training))
+
+
+def test_opcheck_rate_norm_backward():
+    args = (torch.randn(4, 9), torch.randn(2), torch.randn(4, 9), torch.tensor(1.5), torch.tensor(1.2))
+    torch.library.opcheck(torch.ops.rnl_fast.rate_norm_backward.default, args)
+
+
+class _TinyAnnSnn(nn.Module):
+    """A Rate Norm MLP whose output also drives an IF layer: both ops in one graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.rnl, self.fc2 = nn.Linear(12, 16), rnl_fast.RateNorm(), nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rates = self.rnl(self.fc1(x))
+        current = self.fc2(rates)
+        out = rnl_fast.if_sequence(current.expand(5, *current.shape), v_th=0.5)
+        return out.spikes.mean(0) + rnl_fast.rate_inference_loss(self)
+
+
+def test_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    model = _TinyAnnSnn().eval()
+    x = torch.randn(3, 12)
+    eager = model(x)
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(compiled(x), eager)
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0
+
+
+def test_compile_fullgraph_modules_training():
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(6, 10), rnl_fast.RateNorm())
+    spiking = rnl_fast.IFSequence(v_threshold=0.4)
+    x = torch.randn(4, 6)
+
+    def step(x):
+        rates = model(x)
+        return spiking(rates.expand(7, *rates.shape)).sum() + rnl_fast.rate_inference_loss(model)
+
+    expected = step(x)
+    spiking.reset()
+    model[1].running_max.fill_(1.0)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got = compiled(x)
+    torch.testing.assert_close(got, expected)
+    got.backward()
+    assert model[0].weight.grad is not None

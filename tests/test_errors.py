@@ -1,0 +1,120 @@
+"""Bad input gets a clear exception that names the argument and what was expected."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import rnl_fast
+from rnl_fast import _C, ops
+
+
+@pytest.mark.parametrize(
+    "x, kwargs, error, match",
+    [
+        pytest.param(torch.ones(4, 3, dtype=torch.int64), {}, TypeError, "x must be float32", id="int-x"),
+        pytest.param(torch.ones(4, 3, dtype=torch.bool), {}, TypeError, "x must be float32", id="bool-x"),
+        pytest.param([1.0, 2.0], {}, TypeError, "x must be a torch.Tensor", id="list-x"),
+        pytest.param(torch.tensor(1.0), {}, ValueError, "0-dim", id="0-dim-x"),
+        pytest.param(torch.ones(0, 3), {}, ValueError, "T = 0", id="T0"),
+        pytest.param(torch.ones(4, 0), {}, ValueError, "at least one neuron", id="no-neurons"),
+        pytest.param(torch.ones(4, 3), dict(v_th=0.0), ValueError, "v_th must be positive", id="v_th-0"),
+        pytest.param(torch.ones(4, 3), dict(v_th=-1.0), ValueError, "v_th must be positive", id="v_th-neg"),
+        pytest.param(torch.ones(4, 3), dict(v_th=math.nan), ValueError, "v_th must be positive", id="v_th-nan"),
+        pytest.param(torch.ones(4, 3), dict(v_th=math.inf), ValueError, "v_th must be positive", id="v_th-inf"),
+        pytest.param(torch.ones(4, 3), dict(v_th=torch.tensor([1.0, -1.0, 1.0])), ValueError, "v_th must be positive", id="v_th-tensor-neg"),
+        pytest.param(torch.ones(4, 3), dict(v_th=torch.ones(2)), ValueError, "does not broadcast", id="v_th-shape"),
+        pytest.param(torch.ones(4, 3), dict(v_init=torch.ones(5, 3)), ValueError, "v_init of shape", id="v_init-shape"),
+        pytest.param(torch.ones(4, 3), dict(v_init=math.nan), ValueError, "v_init must be finite", id="v_init-nan"),
+        pytest.param(torch.ones(4, 3), dict(spike_dtype=torch.int32), ValueError, "spike_dtype", id="spike-dtype"),
+        pytest.param(torch.ones(4, 3), dict(surrogate="sigmoid"), ValueError, "surrogate must be one of", id="surrogate"),
+        pytest.param(torch.ones(4, 3), dict(width=0.0), ValueError, "width", id="width"),
+        pytest.param(torch.ones(4, 3), dict(v_reset=math.inf), ValueError, "v_reset", id="v_reset-inf"),
+    ],
+)
+def test_if_sequence_bad_input(backend, x, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ops.if_sequence(x, **kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+def test_if_sequence_devices_differ():
+    with pytest.raises(ValueError, match="v_th is on"):
+        ops.if_sequence(torch.ones(3, 2, device="cuda"), v_th=torch.ones(2))
+
+
+def test_devices_differ_on_meta():
+    """Device mismatch is caught before any kernel runs (meta stands in for a second device)."""
+    with pytest.raises(ValueError, match="v_th is on meta but x is on cpu"):
+        ops.if_sequence(torch.ones(3, 2), v_th=torch.ones(2, device="meta"))
+    with pytest.raises(ValueError, match="raw_p is on meta"):
+        ops.rate_norm(torch.ones(3), torch.tensor(1.0, device="meta"), torch.tensor(1.0))
+
+
+@pytest.mark.parametrize(
+    "args, error, match",
+    [
+        pytest.param((torch.ones(3, dtype=torch.int32), torch.tensor(1.0), torch.tensor(1.0)), TypeError, "x must be float32", id="int-x"),
+        pytest.param((torch.ones(0), torch.tensor(1.0), torch.tensor(1.0)), ValueError, "at least one element", id="empty"),
+        pytest.param((torch.ones(3), torch.ones(2), torch.tensor(1.0)), ValueError, "raw_p must be", id="raw-p-shape"),
+        pytest.param((torch.ones(3), torch.tensor(1.0), torch.tensor(1)), ValueError, "running_max must be", id="running-max-int"),
+    ],
+)
+def test_rate_norm_bad_input(backend, args, error, match):
+    with pytest.raises(error, match=match):
+        ops.rate_norm(*args)
+
+
+@pytest.mark.parametrize("momentum", [0.0, -0.1, 1.5, math.nan])
+def test_momentum_out_of_range(momentum):
+    with pytest.raises(ValueError, match="momentum must be in"):
+        rnl_fast.RateNorm(momentum=momentum)
+    with pytest.raises(ValueError, match="momentum must be in"):
+        ops.rate_norm(torch.ones(3), torch.tensor(1.0), torch.tensor(1.0), momentum=momentum)
+
+
+@pytest.mark.parametrize("p_init", [0.0, -0.5, 1.01, math.nan])
+def test_p_init_out_of_range(p_init):
+    with pytest.raises(ValueError, match="p_init must be in"):
+        rnl_fast.RateNorm(p_init=p_init)
+
+
+def test_module_threshold_checked_at_construction():
+    with pytest.raises(ValueError, match="v_threshold must be a positive"):
+        rnl_fast.IFSequence(v_threshold=-1.0)
+    with pytest.raises(ValueError, match="surrogate must be one of"):
+        rnl_fast.IFSequence(surrogate="nope")
+
+
+def test_unknown_backend(monkeypatch):
+    monkeypatch.setenv("RNL_FAST_BACKEND", "cuda-magic")
+    with pytest.raises(ValueError, match="RNL_FAST_BACKEND must be one of"):
+        ops.if_sequence(torch.ones(2, 2))
+
+
+def test_cpp_entry_points_check_sizes_before_touching_memory():
+    """Lies about buffer sizes are refused by the C++ layer itself (no crash, no overrun)."""
+    x, out = torch.ones(4, 8), torch.empty(4, 8)
+    small = torch.empty(3)
+    th, v0 = torch.tensor(1.0), torch.tensor(0.0)
+    vf, sc, nc = torch.empty(8), torch.empty(4, dtype=torch.int64), torch.empty(8, dtype=torch.int32)
+
+    def call(T=4, N=8, x_len=32, stride=8, spikes_len=32, th_len=1, sc_len=4):
+        _C.if_forward(x.data_ptr(), x_len, 0, T, N, stride, th.data_ptr(), th_len, v0.data_ptr(), 1, 0.0, 0,
+                      out.data_ptr(), spikes_len, 0, vf.data_ptr(), 8, sc.data_ptr(), sc_len, nc.data_ptr(), 8, 1)
+
+    call()  # the honest call works
+    for bad, match in [
+        (dict(x_len=31), "x holds 31 elements"),
+        (dict(spikes_len=31), "spikes must hold"),
+        (dict(T=0), "T must be >= 1"),
+        (dict(stride=3), "time stride"),
+        (dict(th_len=5), "v_th must hold 1 or N"),
+        (dict(sc_len=3), "step_counts"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            call(**bad)
+    with pytest.raises(ValueError, match="r must hold"):
+        _C.rate_norm_forward(x.data_ptr(), 32, 0, 1.0, small.data_ptr(), 3, 1)

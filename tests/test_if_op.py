@@ -1,0 +1,200 @@
+"""The fused IF op against its pure-PyTorch definition, on every CPU-runnable backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rnl_fast import ops, reference
+from rnl_fast.ops import IFResult
+
+
+def _reference(x, **kwargs) -> IFResult:
+    return IFResult(*reference.if_sequence(x, **kwargs))
+
+
+def _assert_same(fast: IFResult, ref: IFResult) -> None:
+    assert fast.spikes.dtype == ref.spikes.dtype and fast.spikes.shape == ref.spikes.shape
+    assert torch.equal(fast.spikes, ref.spikes), "spikes differ from the reference"
+    torch.testing.assert_close(fast.v, ref.v, rtol=1e-6, atol=1e-6, equal_nan=True)
+    assert torch.equal(fast.step_counts, ref.step_counts)
+    assert torch.equal(fast.neuron_counts, ref.neuron_counts)
+
+
+def _current(T: int, *neurons: int, dtype=torch.float32) -> torch.Tensor:
+    """Random input current of mean ~0.3 so that neurons fire at assorted rates."""
+    return (torch.randn(T, *neurons) * 0.8 + 0.3).to(dtype)
+
+
+CASES = [
+    pytest.param(dict(T=1, neurons=(5,)), id="T1"),
+    pytest.param(dict(T=7, neurons=(1,)), id="one-neuron"),
+    pytest.param(dict(T=13, neurons=(3, 37)), id="T13-odd"),
+    pytest.param(dict(T=33, neurons=(2, 3, 5, 7)), id="T33-4d"),
+    pytest.param(dict(T=9, neurons=(1100,)), id="T9-N1100-two-blocks"),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("v_reset", [None, -0.2], ids=["soft", "hard"])
+def test_forward_matches_reference(backend, case, v_reset):
+    x = _current(case["T"], *case["neurons"])
+    kwargs = dict(v_th=0.9, v_init=0.25, v_reset=v_reset)
+    _assert_same(ops.if_sequence(x, **kwargs), _reference(x, **kwargs))
+
+
+def test_long_sequence(backend):
+    T = 1000 if backend != "triton" else 1200
+    x = _current(T, 3, 7) * 0.3
+    _assert_same(ops.if_sequence(x, v_th=0.7), _reference(x, v_th=0.7))
+
+
+def test_per_channel_threshold_and_membrane(backend):
+    x = _current(11, 4, 3, 5)
+    v_th = torch.rand(3, 1) + 0.3  # per channel, broadcast over the last dim
+    v_init = torch.randn(4, 3, 5) * 0.2
+    _assert_same(ops.if_sequence(x, v_th=v_th, v_init=v_init), _reference(x, v_th=v_th, v_init=v_init))
+
+
+def test_constant_input_stride_zero(backend):
+    current = torch.rand(6, 17)
+    x = current.expand(40, 6, 17)
+    assert x.stride(0) == 0
+    _assert_same(ops.if_sequence(x, v_th=0.8), _reference(x.contiguous(), v_th=0.8))
+
+
+def test_non_contiguous_input(backend):
+    x = _current(12, 9, 8).transpose(1, 2)
+    assert not x.is_contiguous()
+    _assert_same(ops.if_sequence(x), _reference(x.contiguous()))
+
+
+@pytest.mark.parametrize("spike_dtype", [torch.uint8, torch.bool], ids=["uint8", "bool"])
+def test_byte_spikes(backend, spike_dtype):
+    x = _current(10, 3, 11)
+    fast = ops.if_sequence(x, spike_dtype=spike_dtype)
+    ref = _reference(x, spike_dtype=spike_dtype)
+    _assert_same(fast, ref)
+    assert fast.spikes.dtype == spike_dtype
+    assert set(fast.spikes.view(torch.uint8).unique().tolist()) <= {0, 1}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=["fp16", "bf16", "fp64"])
+def test_low_and_high_precision_inputs(backend, dtype):
+    """fp16/bf16 inputs are computed in fp32: they match the fp32 reference of the same values."""
+    x = _current(15, 4, 9, dtype=dtype)
+    fast = ops.if_sequence(x, v_th=0.75)
+    ref = _reference(x if dtype == torch.float64 else x.float(), v_th=0.75)
+    assert fast.spikes.dtype == dtype
+    assert torch.equal(fast.spikes.to(ref.spikes.dtype), ref.spikes)
+    assert fast.v.dtype == ref.v.dtype
+    torch.testing.assert_close(fast.v, ref.v)
+
+
+def test_counts_are_sums_of_spikes(backend):
+    x = _current(21, 5, 6)
+    out = ops.if_sequence(x, v_th=0.6)
+    assert torch.equal(out.step_counts, out.spikes.flatten(1).sum(1).long())
+    assert torch.equal(out.neuron_counts.long(), out.spikes.sum(0).long())
+    assert out.step_counts.dtype == torch.int64 and out.neuron_counts.dtype == torch.int32
+
+
+def test_chunked_calls_equal_one_call(backend):
+    x = _current(30, 4, 5)
+    whole = ops.if_sequence(x, v_th=0.7)
+    v, spikes = torch.tensor(0.0), []
+    for chunk in x.split([1, 9, 13, 7]):
+        out = ops.if_sequence(chunk, v_th=0.7, v_init=v)
+        v = out.v
+        spikes.append(out.spikes)
+    assert torch.equal(torch.cat(spikes), whole.spikes)
+    assert torch.equal(v, whole.v)
+
+
+def test_nan_input_silences_the_neuron(backend):
+    """Documented: NaN makes the membrane NaN from that step on; a NaN membrane never fires."""
+    x = torch.full((8, 3), 0.6)
+    x[2, 1] = float("nan")
+    out = ops.if_sequence(x, v_th=1.0)
+    _assert_same(out, _reference(x, v_th=1.0))
+    assert out.spikes[2:, 1].sum() == 0
+    assert torch.isnan(out.v[1]) and not torch.isnan(out.v[[0, 2]]).any()
+    assert out.spikes[:, 0].sum() > 0
+
+
+def test_outputs_are_fully_written(backend, monkeypatch):
+    """Every output element comes from the kernel: allocations are poisoned before it runs."""
+    real_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan") if t.is_floating_point() else 77)
+
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    x = _current(9, 3, 41)
+    out = ops.if_sequence(x, v_th=0.8)
+    monkeypatch.setattr(torch, "empty", real_empty)
+    _assert_same(out, _reference(x, v_th=0.8))
+
+
+# ─── backward ────────────────────────────────────────────────────────────────────────────────
+
+
+@pytest.mark.parametrize("v_reset", [None, 0.1], ids=["soft", "hard"])
+@pytest.mark.parametrize("surrogate", ["atan", "rectangle"])
+@pytest.mark.parametrize("detach_reset", [False, True], ids=["reset-grad", "detach-reset"])
+def test_backward_matches_reference(backend, v_reset, surrogate, detach_reset):
+    x = _current(17, 3, 13).requires_grad_()
+    v_init = (torch.randn(3, 13) * 0.3).requires_grad_()
+    kwargs = dict(v_th=0.8, v_reset=v_reset, surrogate=surrogate, width=0.7, detach_reset=detach_reset)
+    weight_s, weight_v = torch.randn(17, 3, 13), torch.randn(3, 13)
+    grads = []
+    for fn in (ops.if_sequence, reference.if_sequence):
+        spikes, v, *_ = fn(x, v_init=v_init, **kwargs)
+        grads.append(torch.autograd.grad((spikes * weight_s).sum() + (v * weight_v).sum(), [x, v_init]))
+    for fast, ref in zip(*grads):
+        torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("v_reset", [None, 0.1], ids=["soft", "hard"])
+def test_gradcheck_fp64(backend, v_reset):
+    """Where the true derivative exists it is exact: with the reset detached, the final membrane
+    is piecewise linear in x and in v_init (no surrogate enters), so finite differences apply.
+    (Through the spikes the derivative is a surrogate by design: the test above covers it.)"""
+    x = (torch.randn(6, 2, 5, dtype=torch.float64) * 0.8 + 0.3).requires_grad_()
+    v_init = (torch.randn(2, 5, dtype=torch.float64) * 0.2).requires_grad_()
+
+    def final_membrane(x, v_init):
+        return ops.if_sequence(x, v_th=0.7, v_init=v_init, v_reset=v_reset, detach_reset=True).v
+
+    assert torch.autograd.gradcheck(final_membrane, (x, v_init), eps=1e-7, atol=1e-6)
+
+
+def test_backward_through_chunks_equals_one_call(backend):
+    x = _current(20, 3, 4).requires_grad_()
+    weight = torch.randn(20, 3, 4)
+    (g_whole,) = torch.autograd.grad((ops.if_sequence(x, v_th=0.6).spikes * weight).sum(), x)
+    v, loss = torch.tensor(0.0), 0.0
+    for chunk, w in zip(x.split(7), weight.split(7)):
+        out = ops.if_sequence(chunk, v_th=0.6, v_init=v)
+        v, loss = out.v, loss + (out.spikes * w).sum()
+    (g_chunks,) = torch.autograd.grad(loss, x)
+    torch.testing.assert_close(g_chunks, g_whole, rtol=1e-5, atol=1e-6)
+
+
+def test_stride_zero_input_backward(backend):
+    current = torch.rand(4, 6).requires_grad_()
+    weight = torch.randn(25, 4, 6)
+    grads = []
+    for fn in (ops.if_sequence, reference.if_sequence):
+        (g,) = torch.autograd.grad((fn(current.expand(25, 4, 6), v_th=0.5)[0] * weight).sum(), current)
+        grads.append(g)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+
+
+def test_byte_spikes_carry_no_gradient(backend):
+    x = _current(5, 7).requires_grad_()
+    out = ops.if_sequence(x, spike_dtype=torch.uint8)
+    assert not out.spikes.requires_grad
+    out.v.sum().backward()  # the membrane still carries a gradient
+    assert x.grad is not None and torch.isfinite(x.grad).all()
