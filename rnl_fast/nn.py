@@ -71,6 +71,10 @@ class IFSequence(nn.Module):
         self.step_spike_counts: Tensor | None = None
         self.neuron_spike_counts: Tensor | None = None
 
+    def __getstate__(self) -> dict:
+        # The carried state may hang on an autograd graph: copies and pickles start reset.
+        return {**super().__getstate__(), "v": None, "step_spike_counts": None, "neuron_spike_counts": None}
+
     def reset(self) -> None:
         """Forget the membrane and the spike counts (call between independent inputs)."""
         self.v = None
@@ -145,6 +149,10 @@ class RateNorm(nn.Module):
         self.raw_p = p if p is not None else nn.Parameter(torch.tensor(raw_from_p(float(p_init))))
         self.register_buffer("running_max", torch.tensor(1.0))
         self.omega: Tensor | None = None
+
+    def __getstate__(self) -> dict:
+        # Ω of the last forward hangs on its autograd graph: copies and pickles drop it.
+        return {**super().__getstate__(), "omega": None}
 
     @property
     def p(self) -> Tensor:

@@ -366,7 +366,7 @@ def _rate_norm_forward(
         _triton(x.device.type == "cpu").rate_norm_fwd(
             x1, raw_p, running_max, momentum, training, THETA_EPS, r, running_max_out, sums
         )
-        return r.view(x.shape), running_max_out, sums[0], sums[1]
+        return r.view(x.shape), running_max_out, sums[0].clone(), sums[1].clone()  # no aliased outputs
     C = _cpp()
     running_max_out = running_max.detach().to(torch.float32).clone()
     if training:  # CPU tensors: reading the max on the host costs no device synchronisation

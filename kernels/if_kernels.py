@@ -1,0 +1,355 @@
+"""Triton kernels for multi-step integrate-and-fire neurons (paper Eq. 3) on CUDA tensors.
+
+Layout (DESIGN.md §2): time-major ``[T, N]``, neuron stride 1. One program owns ``BLOCK``
+neurons and loops over all ``T`` steps with the membrane in registers, so every element of
+``x`` and ``spikes`` moves through memory exactly once per pass.
+
+The arithmetic mirrors :func:`rnl_fast.reference.if_sequence` operation by operation
+(``u = m − v_th``, spike iff ``u >= 0``, the reset written as the same products), so fp32 spikes
+are bit-identical to the reference, NaN and infinite inputs included. Python scalars that enter
+the arithmetic (``v_reset``, ``width``) are constexprs: Triton then rounds them to the compute
+dtype exactly as PyTorch rounds a Python scalar, whereas a runtime float argument would always be
+passed as float32 and lose precision in float64 kernels.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+
+import torch
+import triton
+import triton.language as tl
+
+#: Surrogate ids for the ``SURROGATE`` constexpr; names as in ``reference.SURROGATES``.
+SURROGATE_ATAN = tl.constexpr(0)
+SURROGATE_RECTANGLE = tl.constexpr(1)
+_SURROGATE_IDS = {"atan": 0, "rectangle": 1}
+_PI = tl.constexpr(math.pi)
+
+
+def _interpreting() -> bool:
+    """TRITON_INTERPRET=1 (read by Triton at import): kernels run on CPU tensors via numpy."""
+    knobs = getattr(triton, "knobs", None)  # Triton >= 3.4; older versions only read the variable
+    return bool(knobs.runtime.interpret) if knobs is not None else os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _block_configs() -> list[triton.Config]:
+    """Autotuning candidates; one small block under the interpreter, where every config runs on the CPU."""
+    if _interpreting():
+        return [triton.Config({"BLOCK": 128}, num_warps=4)]
+    return [
+        triton.Config({"BLOCK": block}, num_warps=warps)
+        for block, warps in ((256, 4), (512, 4), (1024, 4), (1024, 8), (2048, 8))
+    ]
+
+
+def _size_class(n: int) -> int:
+    """Autotune key: one bucket per factor of 16 in ``n``, so a new shape rarely triggers a retune."""
+    return n.bit_length() // 4
+
+
+@triton.jit
+def _if_step(
+    v,  # [BLOCK] membrane after the previous step, compute dtype
+    x_t,  # [BLOCK] input current of this step, compute dtype
+    v_th,  # [BLOCK] or scalar threshold, compute dtype
+    HARD_RESET: tl.constexpr,  # reset to V_RESET instead of subtracting v_th
+    V_RESET: tl.constexpr,  # hard-reset potential (unused for soft reset)
+):
+    """One IF step: returns (pre-spike membrane m, spike mask, next membrane v)."""
+    m = v + x_t
+    # Spike iff m − v_th >= 0 (not m >= v_th): identical for finite values, and it also matches the
+    # reference when m and v_th are both infinite (inf − inf is NaN: no spike).
+    fired = (m - v_th) >= 0
+    s = fired.to(m.dtype)
+    # Products with s ∈ {0, 1} are exact, so these match the reference bit for bit (FMA included);
+    # m·(1 − s) also propagates an infinite m into NaN on a spike, as the reference does.
+    if HARD_RESET:
+        v_next = m * (1.0 - s) + V_RESET * s
+    else:
+        v_next = m - v_th * s
+    return m, fired, v_next
+
+
+@triton.jit
+def _surrogate_grad(
+    u,  # [BLOCK] m − v_th, compute dtype
+    SURROGATE: tl.constexpr,  # SURROGATE_ATAN or SURROGATE_RECTANGLE
+    WIDTH: tl.constexpr,  # full width w of the surrogate, in membrane units
+):
+    """σ'(u), written in the same order of operations as ``reference.surrogate_grad``."""
+    if SURROGATE == SURROGATE_ATAN:
+        z = _PI * u / WIDTH
+        grad = (1.0 / WIDTH) / (1.0 + z * z)
+    else:
+        # Cast the mask before dividing so that 1/w is computed in the compute dtype (float64 too).
+        grad = (tl.abs(u) < 0.5 * WIDTH).to(u.dtype) / WIDTH
+    return grad
+
+
+@triton.autotune(configs=_block_configs(), key=["size_class"], reset_to_zero=["step_counts_ptr"])
+@triton.jit
+def _if_fwd_kernel(
+    x_ptr,  # [T, N] input current, neuron stride 1, time stride x_time_stride; any float dtype
+    v_th_ptr,  # [N] or [] threshold, compute dtype
+    v_init_ptr,  # [N] or [] initial membrane, compute dtype
+    spikes_ptr,  # [T, N] contiguous out: 0/1 in any float dtype or uint8 (bool viewed as uint8)
+    v_final_ptr,  # [N] out: membrane after step T−1; its dtype is the compute dtype
+    step_counts_ptr,  # [T] int64, zero-filled: each program adds its spike count per step
+    neuron_counts_ptr,  # [N] int32 out: spikes per neuron over all T steps
+    T,  # number of time steps
+    N,  # number of neurons
+    x_time_stride,  # elements between x[t] and x[t+1]: N, or 0 for an expanded constant input
+    size_class,  # autotune key only (see _size_class); unused by the kernel
+    V_TH_PER_NEURON: tl.constexpr,  # v_th has N elements (else one for all neurons)
+    V_INIT_PER_NEURON: tl.constexpr,  # v_init has N elements (else one for all neurons)
+    HARD_RESET: tl.constexpr,  # hard reset to V_RESET instead of soft reset by subtraction
+    V_RESET: tl.constexpr,  # hard-reset potential
+    BLOCK: tl.constexpr,  # neurons per program
+):
+    compute_dtype = v_final_ptr.dtype.element_ty
+    neurons = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    in_range = neurons < N
+
+    if V_TH_PER_NEURON:
+        v_th = tl.load(v_th_ptr + neurons, mask=in_range, other=1.0)
+    else:
+        v_th = tl.load(v_th_ptr)
+    if V_INIT_PER_NEURON:
+        v = tl.load(v_init_ptr + neurons, mask=in_range, other=0.0)
+    else:
+        # The membrane is a loop-carried [BLOCK] tensor, so a scalar v_init must be broadcast.
+        v = tl.zeros([BLOCK], dtype=compute_dtype) + tl.load(v_init_ptr)
+    neuron_spike_count = tl.zeros([BLOCK], dtype=tl.int32)
+
+    # Pointers advance by one row per step instead of computing t·stride, which could overflow
+    # int32 for T·N ≥ 2³¹; pointer arithmetic is 64-bit.
+    x_ptrs = x_ptr + neurons
+    spike_ptrs = spikes_ptr + neurons
+    for t in range(T):
+        x_t = tl.load(x_ptrs, mask=in_range, other=0.0).to(compute_dtype)
+        _, fired, v = _if_step(v, x_t, v_th, HARD_RESET, V_RESET)
+        fired = fired & in_range
+        # Through the compute dtype: exact for 0/1, and the interpreter cannot cast int1 to bfloat16.
+        tl.store(spike_ptrs, fired.to(compute_dtype).to(spikes_ptr.dtype.element_ty), mask=in_range)
+        neuron_spike_count += fired.to(tl.int32)
+        step_spike_count = tl.sum(fired.to(tl.int32), axis=0).to(tl.int64)
+        # Spikes are sparse: skipping zero adds spares the one hot address most of its atomics.
+        tl.atomic_add(step_counts_ptr + t, step_spike_count, mask=step_spike_count != 0, sem="relaxed")
+        x_ptrs += x_time_stride
+        spike_ptrs += N
+
+    tl.store(v_final_ptr + neurons, v, mask=in_range)
+    tl.store(neuron_counts_ptr + neurons, neuron_spike_count, mask=in_range)
+
+
+@triton.autotune(configs=_block_configs(), key=["size_class"])
+@triton.jit
+def _if_bwd_kernel(
+    grad_spikes_ptr,  # [T, N] contiguous gradient of the spikes (float dtype), if HAS_GRAD_SPIKES
+    grad_v_final_ptr,  # [N] gradient of the final membrane, compute dtype, if HAS_GRAD_V_FINAL
+    x_ptr,  # [T, N] input current, neuron stride 1, time stride x_time_stride
+    v_th_ptr,  # [N] or [] threshold, compute dtype
+    v_init_ptr,  # [N] or [] initial membrane, compute dtype
+    membrane_ptr,  # [T, N] contiguous scratch, compute dtype: pre-spike membrane m_t per step
+    grad_x_ptr,  # [T, N] contiguous out, x's dtype
+    grad_v_init_ptr,  # [N] out; its dtype is the compute dtype
+    T,  # number of time steps
+    N,  # number of neurons
+    x_time_stride,  # elements between x[t] and x[t+1]: N, or 0 for an expanded constant input
+    size_class,  # autotune key only (see _size_class); unused by the kernel
+    HAS_GRAD_SPIKES: tl.constexpr,  # else the spikes' gradient is zero
+    HAS_GRAD_V_FINAL: tl.constexpr,  # else the final membrane's gradient is zero
+    V_TH_PER_NEURON: tl.constexpr,  # v_th has N elements (else one for all neurons)
+    V_INIT_PER_NEURON: tl.constexpr,  # v_init has N elements (else one for all neurons)
+    HARD_RESET: tl.constexpr,  # hard reset to V_RESET instead of soft reset by subtraction
+    V_RESET: tl.constexpr,  # hard-reset potential
+    SURROGATE: tl.constexpr,  # SURROGATE_ATAN or SURROGATE_RECTANGLE
+    WIDTH: tl.constexpr,  # surrogate width w > 0
+    DETACH_RESET: tl.constexpr,  # no gradient through the reset term
+    BLOCK: tl.constexpr,  # neurons per program
+):
+    compute_dtype = grad_v_init_ptr.dtype.element_ty
+    neurons = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    in_range = neurons < N
+
+    if V_TH_PER_NEURON:
+        v_th = tl.load(v_th_ptr + neurons, mask=in_range, other=1.0)
+    else:
+        v_th = tl.load(v_th_ptr)
+    if V_INIT_PER_NEURON:
+        v = tl.load(v_init_ptr + neurons, mask=in_range, other=0.0)
+    else:
+        v = tl.zeros([BLOCK], dtype=compute_dtype) + tl.load(v_init_ptr)
+
+    # Pass 1, forward in time: recompute the membrane (same _if_step as the forward kernel, so the
+    # same values) and keep m_t, which is all the reverse sweep needs.
+    x_ptrs = x_ptr + neurons
+    membrane_ptrs = membrane_ptr + neurons
+    for t in range(T):
+        x_t = tl.load(x_ptrs, mask=in_range, other=0.0).to(compute_dtype)
+        m, _, v = _if_step(v, x_t, v_th, HARD_RESET, V_RESET)
+        tl.store(membrane_ptrs, m, mask=in_range)
+        x_ptrs += x_time_stride
+        membrane_ptrs += N
+    # Pass 2 reads back what pass 1 wrote; order the two even if threads hold different elements.
+    tl.debug_barrier()
+
+    # Pass 2, backward in time from row T−1 (int64: (T−1)·N can exceed int32).
+    last_row = tl.cast(T - 1, tl.int64) * N
+    membrane_ptrs = membrane_ptr + last_row + neurons
+    grad_spike_ptrs = grad_spikes_ptr + last_row + neurons
+    grad_x_ptrs = grad_x_ptr + last_row + neurons
+    if HAS_GRAD_V_FINAL:
+        grad_v = tl.load(grad_v_final_ptr + neurons, mask=in_range, other=0.0)
+    else:
+        grad_v = tl.zeros([BLOCK], dtype=compute_dtype)
+    for _ in range(T):
+        m = tl.load(membrane_ptrs, mask=in_range, other=0.0)
+        u = m - v_th
+        surrogate = _surrogate_grad(u, SURROGATE, WIDTH)
+        # dv_t/dm_t: the direct path, plus the path through the spike unless the reset is detached.
+        if HARD_RESET:
+            not_fired = 1.0 - (u >= 0).to(compute_dtype)
+            if DETACH_RESET:
+                dv_dm = not_fired
+            else:
+                dv_dm = not_fired + (V_RESET - m) * surrogate
+        else:
+            if DETACH_RESET:
+                dv_dm = tl.full([BLOCK], 1.0, compute_dtype)
+            else:
+                dv_dm = 1.0 - v_th * surrogate
+        grad_m = grad_v * dv_dm
+        if HAS_GRAD_SPIKES:
+            grad_spike = tl.load(grad_spike_ptrs, mask=in_range, other=0.0).to(compute_dtype)
+            grad_m += grad_spike * surrogate
+        tl.store(grad_x_ptrs, grad_m.to(grad_x_ptr.dtype.element_ty), mask=in_range)
+        # m_t = v_{t−1} + x_t, so dL/dv_{t−1} = dL/dx_t = dL/dm_t.
+        grad_v = grad_m
+        membrane_ptrs -= N
+        grad_spike_ptrs -= N
+        grad_x_ptrs -= N
+
+    tl.store(grad_v_init_ptr + neurons, grad_v, mask=in_range)
+
+
+def _grid(N: int) -> Callable[[dict], tuple[int]]:
+    """One program per BLOCK neurons; BLOCK is the autotuner's choice."""
+
+    def grid(meta: dict) -> tuple[int]:
+        return (triton.cdiv(N, meta["BLOCK"]),)
+
+    return grid
+
+
+def _spike_storage(spikes: torch.Tensor) -> torch.Tensor:
+    """A torch.bool tensor is written through a uint8 view, whose 0/1 bytes are valid booleans."""
+    return spikes.view(torch.uint8) if spikes.dtype == torch.bool else spikes
+
+
+def if_fwd(
+    x: torch.Tensor,
+    v_th: torch.Tensor,
+    v_init: torch.Tensor,
+    v_reset: float,
+    hard_reset: bool,
+    spikes: torch.Tensor,
+    v_final: torch.Tensor,
+    step_counts: torch.Tensor,
+    neuron_counts: torch.Tensor,
+) -> None:
+    """Runs T steps of IF neurons; writes into the caller's output tensors (rnl_fast/ops.py validates).
+
+    Args:
+        x: ``[T, N]`` float32/float16/bfloat16/float64, ``x.stride(1) == 1`` and
+            ``x.stride(0)`` ``N`` or ``0`` (an expanded constant input, read, never materialised).
+        v_th, v_init: ``[N]`` or ``[]`` (one value for all neurons), compute dtype (float32,
+            float64 for float64 ``x``).
+        v_reset: hard-reset potential; ignored unless ``hard_reset``.
+        hard_reset: reset to ``v_reset`` after a spike instead of subtracting ``v_th``.
+        spikes: ``[T, N]`` contiguous out, 0/1 in float32/float16/bfloat16/float64/uint8/bool.
+        v_final: ``[N]`` out, compute dtype.
+        step_counts: ``[T]`` int64 out, spikes per step summed over neurons.
+        neuron_counts: ``[N]`` int32 out, spikes per neuron summed over steps.
+    """
+    T, N = x.shape
+    step_counts.zero_()  # the kernel accumulates into it with atomics
+
+    _if_fwd_kernel[_grid(N)](
+        x,
+        v_th,
+        v_init,
+        _spike_storage(spikes),
+        v_final,
+        step_counts,
+        neuron_counts,
+        T,
+        N,
+        x.stride(0),
+        _size_class(N),
+        V_TH_PER_NEURON=v_th.numel() != 1,
+        V_INIT_PER_NEURON=v_init.numel() != 1,
+        HARD_RESET=hard_reset,
+        # A fixed value for soft reset, so that v_reset does not trigger a recompile there.
+        V_RESET=float(v_reset) if hard_reset else 0.0,
+    )
+
+
+def if_bwd(
+    grad_spikes: torch.Tensor | None,
+    grad_v_final: torch.Tensor | None,
+    x: torch.Tensor,
+    v_th: torch.Tensor,
+    v_init: torch.Tensor,
+    v_reset: float,
+    hard_reset: bool,
+    surrogate: str,
+    width: float,
+    detach_reset: bool,
+    grad_x: torch.Tensor,
+    grad_v_init: torch.Tensor,
+) -> None:
+    """Backpropagation through time for :func:`if_fwd` with a surrogate spike derivative.
+
+    Recomputes the membrane from ``x`` (nothing else is saved by the forward pass) into a
+    ``[T, N]`` compute-dtype scratch, then sweeps t = T−1..0.
+
+    Args:
+        grad_spikes: ``[T, N]`` contiguous float gradient of the spikes, or None for zeros.
+        grad_v_final: ``[N]`` compute-dtype gradient of the final membrane, or None for zeros.
+        x, v_th, v_init, v_reset, hard_reset: as in :func:`if_fwd`.
+        surrogate: ``"atan"`` or ``"rectangle"`` (``reference.surrogate_grad``).
+        width: surrogate width w > 0, in membrane units.
+        detach_reset: no gradient through the reset term.
+        grad_x: ``[T, N]`` contiguous out in ``x.dtype`` (full size even when ``x.stride(0) == 0``).
+        grad_v_init: ``[N]`` out, compute dtype.
+    """
+    T, N = x.shape
+    membrane = torch.empty((T, N), dtype=grad_v_init.dtype, device=x.device)
+
+    _if_bwd_kernel[_grid(N)](
+        grad_spikes if grad_spikes is not None else x,  # placeholder pointer, never read
+        grad_v_final if grad_v_final is not None else grad_v_init,  # placeholder, never read
+        x,
+        v_th,
+        v_init,
+        membrane,
+        grad_x,
+        grad_v_init,
+        T,
+        N,
+        x.stride(0),
+        _size_class(N),
+        HAS_GRAD_SPIKES=grad_spikes is not None,
+        HAS_GRAD_V_FINAL=grad_v_final is not None,
+        V_TH_PER_NEURON=v_th.numel() != 1,
+        V_INIT_PER_NEURON=v_init.numel() != 1,
+        HARD_RESET=hard_reset,
+        V_RESET=float(v_reset) if hard_reset else 0.0,
+        SURROGATE=_SURROGATE_IDS[surrogate],
+        WIDTH=float(width),
+        DETACH_RESET=detach_reset,
+    )

@@ -1,0 +1,344 @@
+"""The converted SNN and its simulation: accuracy, spikes and K curves per step in one pass.
+
+:class:`SpikingNetwork` runs the traced ANN graph on spikes, layer by layer over all T steps
+at once: every conv/linear sees a ``[T·B, ...]`` batch, every neuron layer one fused
+:class:`rnl_fast.IFSequence` call over ``[T, B, ...]``. Under constant coding the image is the
+input current at every step, so whatever comes before the first neuron (the first conv + BN)
+is computed once per image, not T times, and reaches the first neurons as a stride-0 view.
+Long simulations run in chunks of steps with every membrane carried over, so memory stays
+bounded for T in the thousands.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, fx, nn
+from tqdm.auto import tqdm
+
+from .nn import IFSequence
+
+#: Default bound on the largest per-chunk activation, in bytes (chunk size is chosen from it).
+DEFAULT_CHUNK_BYTES = 256 * 2**20
+
+
+class SpikingNeurons(nn.Module):
+    """IF neurons standing where an ANN activation stood.
+
+    ``forward(x)`` takes the input current either as ``[T, B, ...]`` (any strides, a stride-0
+    constant input included) and returns the spikes as ``[T·B, ...]`` in the dtype the next
+    layer computes in, each spike carrying ``spike_weight`` (1 for RNL; λ for threshold
+    balancing, which is Theorem 1's weight scaling moved onto the spike).
+    """
+
+    def __init__(self, threshold: float, spike_weight: float, spike_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.neurons = IFSequence(v_threshold=threshold, spike_dtype=spike_dtype)
+        self.spike_weight = spike_weight
+        #: Called with each chunk's spikes ``[T, B, ...]`` (for K curves); None when unused.
+        self.observer: Callable[[Tensor], None] | None = None
+
+    def forward(self, current: Tensor) -> Tensor:
+        spikes = self.neurons(current)
+        if self.observer is not None:
+            self.observer(spikes)
+        out = spikes.flatten(0, 1)
+        if out.dtype != current.dtype:
+            out = out.to(current.dtype)
+        return out * self.spike_weight if self.spike_weight != 1.0 else out
+
+    def extra_repr(self) -> str:
+        return f"threshold={self.neurons.v_threshold:.4g}, spike_weight={self.spike_weight:.4g}"
+
+
+class SpikingNetwork(nn.Module):
+    """A converted SNN (made by :func:`rnl_fast.convert`).
+
+    ``forward(x: [B, ...], T) → [T, B, K]``: the output estimate after each step, i.e. the last
+    layer's output current averaged over steps 1..t (constant coding: ``x`` is the input current
+    at every step). The membranes are reset at the start of each call.
+
+    Attributes:
+        neuron_layers: name → :class:`SpikingNeurons`, in graph order.
+        method: the conversion method that built it.
+    """
+
+    def __init__(
+        self,
+        graph_module: fx.GraphModule,
+        thresholds: dict[str, float],
+        spike_weights: dict[str, float],
+        method: str,
+        spike_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        for name, threshold in thresholds.items():
+            _replace(graph_module, name, SpikingNeurons(threshold, spike_weights[name], spike_dtype))
+        self.graph_module = graph_module
+        self.method = method
+        self.neuron_names = list(thresholds)
+
+    @property
+    def neuron_layers(self) -> dict[str, SpikingNeurons]:
+        return {name: self.graph_module.get_submodule(name) for name in self.neuron_names}
+
+    def reset(self) -> None:
+        for layer in self.neuron_layers.values():
+            layer.neurons.reset()
+
+    @torch.no_grad()
+    def forward(self, x: Tensor, T: int, chunk: int | None = None) -> Tensor:
+        if not isinstance(T, int) or T <= 0:
+            raise ValueError(f"T must be a positive int, got {T!r}")
+        return torch.cat(list(self.run(x, T, chunk)))
+
+    @torch.no_grad()
+    def run(self, x: Tensor, T: int, chunk: int | None = None):
+        """Yield the output estimate ``[t_chunk, B, K]`` chunk by chunk (membranes carried over)."""
+        chunk = chunk or self.chunk_size(x, T)
+        self.reset()
+        static: dict[str, Tensor] = {}
+        total = None
+        done = 0
+        while done < T:
+            steps = min(chunk, T - done)
+            current = self._run_graph(x, steps, static)  # [steps, B, K]
+            summed = torch.cumsum(current, 0) if total is None else torch.cumsum(current, 0) + total
+            total = summed[-1]
+            t = torch.arange(done + 1, done + steps + 1, device=x.device, dtype=summed.dtype)
+            yield summed / t.view(-1, *[1] * (summed.dim() - 1))
+            done += steps
+
+    def chunk_size(self, x: Tensor, T: int, budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+        """Steps per chunk such that the largest activation of a chunk stays within the budget."""
+        per_step = self._largest_activation_bytes(x)
+        return max(1, min(T, budget_bytes // max(per_step, 1)))
+
+    def _largest_activation_bytes(self, x: Tensor) -> int:
+        largest = 0
+        with torch.no_grad():
+            from torch.fx.passes.shape_prop import ShapeProp
+
+            gm = _ann_view(self.graph_module)
+            ShapeProp(gm).propagate(x[:1])
+            for node in gm.graph.nodes:
+                meta = node.meta.get("tensor_meta")
+                if meta is not None and hasattr(meta, "shape"):
+                    largest = max(largest, math.prod(meta.shape) * 4)
+        return largest * x.shape[0]
+
+    def _run_graph(self, x: Tensor, steps: int, static: dict[str, Tensor]) -> Tensor:
+        """One chunk of ``steps`` steps. Values that depend only on the image ("static": the
+        layers before the first neurons) are computed once per image and cached in ``static``;
+        the rest are ``[steps·B, ...]``."""
+        B = x.shape[0]
+        values: dict[str, Tensor] = {}
+        dynamic: set[str] = set()
+        modules = dict(self.graph_module.named_modules())
+
+        def per_step(name: str) -> Tensor:  # a static value repeated over the chunk's steps
+            value = values[name]
+            return value.unsqueeze(0).expand(steps, *value.shape).reshape(steps * B, *value.shape[1:])
+
+        def arg(a):
+            if isinstance(a, fx.Node):
+                return per_step(a.name) if any_dynamic and a.name not in dynamic else values[a.name]
+            if isinstance(a, (tuple, list)):
+                return type(a)(arg(b) for b in a)
+            return a
+
+        for node in self.graph_module.graph.nodes:
+            if node.op == "placeholder":
+                values[node.name] = x
+                continue
+            if node.op == "output":
+                (result,) = node.args
+                out = values[result.name]
+                if result.name not in dynamic:
+                    return out.unsqueeze(0).expand(steps, *out.shape)
+                return out.reshape(steps, B, *out.shape[1:])
+            if node.name in static:
+                values[node.name] = static[node.name]
+                continue
+            inputs = [a for a in node.all_input_nodes]
+            any_dynamic = any(a.name in dynamic for a in inputs)
+            if node.op == "call_module" and isinstance(modules[node.target], SpikingNeurons):
+                (source,) = node.args
+                if source.name in dynamic:
+                    current = values[source.name].reshape(steps, B, *values[source.name].shape[1:])
+                else:  # constant coding: the same current every step, never materialised
+                    current = values[source.name].unsqueeze(0).expand(steps, *values[source.name].shape)
+                values[node.name] = modules[node.target](current)
+                dynamic.add(node.name)
+                continue
+            args, kwargs = arg(node.args), {k: arg(v) for k, v in node.kwargs.items()}
+            if node.op == "call_module":
+                values[node.name] = modules[node.target](*args, **kwargs)
+            elif node.op == "call_function":
+                values[node.name] = node.target(*args, **kwargs)
+            elif node.op == "call_method":
+                values[node.name] = getattr(args[0], node.target)(*args[1:], **kwargs)
+            elif node.op == "get_attr":
+                values[node.name] = self.graph_module.get_parameter(node.target)
+            if any_dynamic:
+                dynamic.add(node.name)
+            else:
+                static[node.name] = values[node.name]
+        raise RuntimeError("the graph has no output node")
+
+
+def _replace(gm: fx.GraphModule, qualname: str, module: nn.Module) -> None:
+    parent_name, _, child = qualname.rpartition(".")
+    setattr(gm.get_submodule(parent_name) if parent_name else gm, child, module)
+
+
+def _ann_view(gm: fx.GraphModule) -> fx.GraphModule:
+    """The same graph with each neuron layer as an identity: for shape propagation only."""
+
+    class _Identity(nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            return x
+
+    shapes = fx.GraphModule(gm, gm.graph)
+    for name, m in list(shapes.named_modules()):
+        if isinstance(m, SpikingNeurons):
+            _replace(shapes, name, _Identity())
+    return shapes
+
+
+# ─── simulation over a dataset ───────────────────────────────────────────────────────────────
+
+
+@dataclass
+class SimulationResult:
+    """What one pass over a dataset measures (t = 1..T)."""
+
+    T: int
+    images: int
+    accuracy: list[float]  #: percent correct after each step
+    spikes_per_step: list[float]  #: mean spikes per image at each step, all layers together
+    layer_spikes_per_step: dict[str, list[float]]  #: the same, per neuron layer
+    k_curves: dict[str, list[float]] = field(default_factory=dict)  #: K(t) per layer (paper Eq. 7)
+
+
+def ann_rates(model: nn.Module, x: Tensor, names: Iterable[str]) -> dict[str, Tensor]:
+    """The ANN's rates r̂ at the named activations for input ``x``: RateNorm outputs as they are;
+    a ReLU's output a is given as the rate clip(a/λ, 0, 1) by :func:`simulate` (see ``scales``)."""
+    wanted = set(names)
+    rates: dict[str, Tensor] = {}
+    handles = [
+        m.register_forward_hook(lambda _m, _i, out, name=name: rates.__setitem__(name, out.detach()))
+        for name, m in model.named_modules()
+        if name in wanted
+    ]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return rates
+
+
+@torch.no_grad()
+def simulate(
+    snn: SpikingNetwork,
+    loader: Iterable,
+    T: int,
+    ann: nn.Module | None = None,
+    device: torch.device | str = "cpu",
+    chunk: int | None = None,
+    progress: bool = True,
+    max_batches: int | None = None,
+) -> SimulationResult:
+    """Simulate ``snn`` for T steps on every batch ``(x, y)`` of ``loader``, in one pass.
+
+    Returns the accuracy after every step, the spikes per step (mean per image, per layer and
+    in all), and, when the source ``ann`` is given, the K curve of every neuron layer at every
+    step: ``K(t) = Σ‖r(t) − r̂‖² / Σ‖r̂‖²`` over all images (r(t) = spikes so far / t, r̂ the
+    ANN's rate of the same neuron on the same image). K is accumulated chunk by chunk from
+    running spike counts: no spike train is kept.
+    """
+    if not isinstance(T, int) or T <= 0:
+        raise ValueError(f"T must be a positive int, got {T!r}")
+    layers = snn.neuron_layers
+    correct = torch.zeros(T, dtype=torch.float64)
+    layer_spikes = {name: torch.zeros(T, dtype=torch.float64) for name in layers}
+    k_num = {name: torch.zeros(T, dtype=torch.float64) for name in layers}
+    k_den = dict.fromkeys(layers, 0.0)
+    images = 0
+    batches = loader if max_batches is None else _take(loader, max_batches)
+    total = len(loader) if max_batches is None and hasattr(loader, "__len__") else max_batches
+    if ann is not None:
+        ann = ann.to(device).eval()
+    for x, y in tqdm(batches, total=total, desc=f"simulate {snn.method} T={T}", disable=not progress, leave=False):
+        x, y = x.to(device), y.to(device)
+        counts: dict[str, Tensor] = {}
+        targets: dict[str, Tensor] = {}
+        if ann is not None:
+            targets = _target_rates(ann, x, layers)
+            for name, layer in layers.items():
+                k_den[name] += float(targets[name].double().pow(2).sum())
+                layer.observer = _k_observer(name, targets[name], counts, k_num[name])
+        done = 0
+        for estimate in snn.run(x, T, chunk):
+            steps = estimate.shape[0]
+            correct[done : done + steps] += (estimate.argmax(-1) == y).sum(-1).double().cpu()
+            done += steps
+        for name, layer in layers.items():
+            layer_spikes[name] += layer.neurons.step_spike_counts.double().cpu()
+            layer.observer = None
+        images += x.shape[0]
+        snn.reset()
+    if images == 0:
+        raise ValueError("the loader gave no batches to simulate")
+    per_layer = {name: (s / images).tolist() for name, s in layer_spikes.items()}
+    return SimulationResult(
+        T=T,
+        images=images,
+        accuracy=(100.0 * correct / images).tolist(),
+        spikes_per_step=(sum(layer_spikes.values()) / images).tolist(),
+        layer_spikes_per_step=per_layer,
+        k_curves={name: (k_num[name] / max(k_den[name], 1e-30)).tolist() for name in layers} if ann is not None else {},
+    )
+
+
+def _take(loader: Iterable, n: int):
+    for i, batch in enumerate(loader):
+        if i >= n:
+            return
+        yield batch
+
+
+def _target_rates(ann: nn.Module, x: Tensor, layers: dict[str, SpikingNeurons]) -> dict[str, Tensor]:
+    """r̂ per neuron layer: the RateNorm output, or clip(a/λ, 0, 1) for a balanced ReLU."""
+    raw = ann_rates(ann, x, layers)
+    missing = set(layers) - set(raw)
+    if missing:
+        raise ValueError(f"the ANN given for the K curves has no activations named {sorted(missing)}")
+    return {
+        name: (raw[name] / layer.neurons.v_threshold).clamp(0, 1) if layer.spike_weight != 1.0 else raw[name]
+        for name, layer in layers.items()
+    }
+
+
+def _k_observer(name: str, target: Tensor, counts: dict[str, Tensor], k_num: Tensor) -> Callable[[Tensor], None]:
+    """Accumulates Σ‖counts(t)/t − r̂‖² for each step of each chunk into ``k_num``."""
+    state = {"done": 0}
+
+    def observe(spikes: Tensor) -> None:
+        steps = spikes.shape[0]
+        running = torch.cumsum(spikes.to(torch.float32), 0)
+        if name in counts:
+            running += counts[name]
+        counts[name] = running[-1]
+        t = torch.arange(state["done"] + 1, state["done"] + steps + 1, dtype=torch.float32, device=spikes.device)
+        rates = running / t.view(-1, *[1] * (running.dim() - 1))
+        err = (rates - target.unsqueeze(0)).pow(2).flatten(1).sum(1)
+        k_num[state["done"] : state["done"] + steps] += err.double().cpu()
+        state["done"] += steps
+
+    return observe

@@ -1,0 +1,189 @@
+"""Conversion (BN folding, thresholds, unconvertible parts) and simulation bookkeeping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import rnl_fast
+from rnl_fast import convert as conv
+from rnl_fast import energy, models
+from rnl_fast.convert import ConversionError, convert, fold_batchnorm
+from rnl_fast.simulate import simulate
+
+
+def _warm_up(model: nn.Module, shape=(16, 1, 28, 28), batches: int = 8) -> nn.Module:
+    """Give BN statistics and RateNorm running maxima realistic values, then switch to eval."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(batches):
+            model(torch.rand(shape))
+    return model.eval()
+
+
+@pytest.mark.parametrize("layer", [nn.Conv2d(3, 5, 3, padding=1), nn.Linear(7, 4)], ids=["conv", "linear"])
+def test_fold_batchnorm_equals_unfolded(layer):
+    bn = nn.BatchNorm2d(5) if isinstance(layer, nn.Conv2d) else nn.BatchNorm1d(4)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    bn.eval()
+    x = torch.randn(6, 3, 8, 8) if isinstance(layer, nn.Conv2d) else torch.randn(6, 7)
+    torch.testing.assert_close(fold_batchnorm(layer, bn)(x), bn(layer(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_converted_network_folds_bn_and_keeps_weights_scaled_by_nothing():
+    model = _warm_up(models.cnn7("rnl"))
+    snn = convert(model, "rnl")
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in snn.modules())
+    thresholds = [layer.neurons.v_threshold for layer in snn.neuron_layers.values()]
+    expected = [float(m.threshold) for m in model.modules() if isinstance(m, rnl_fast.RateNorm)]
+    assert thresholds == pytest.approx(expected)
+    assert all(layer.spike_weight == 1.0 for layer in snn.neuron_layers.values())
+
+
+def test_snn_rates_converge_to_rnl_rates_layer_by_layer():
+    model = _warm_up(models.cnn7("rnl"))
+    snn = convert(model, "rnl")
+    x = torch.rand(4, 1, 28, 28)
+    result = simulate(snn, [(x, torch.zeros(4, dtype=torch.long))], T=200, ann=model, progress=False)
+    for name, curve in result.k_curves.items():
+        assert curve[-1] < 0.1 * max(curve[9], 1e-3), f"K did not shrink in layer {name}"
+        assert curve[-1] < 0.02, f"layer {name}: K(200) = {curve[-1]}"
+    # Theorem 1: the output estimate tends to the ANN output.
+    out = snn(x, 400)
+    torch.testing.assert_close(out[-1], model(x), rtol=0.05, atol=0.05)
+
+
+def test_chunked_simulation_equals_one_pass():
+    model = _warm_up(models.cnn7("rnl"))
+    snn = convert(model, "rnl")
+    x = torch.rand(3, 1, 28, 28)
+    torch.testing.assert_close(snn(x, 50, chunk=50), snn(x, 50, chunk=7), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(snn(x, 50, chunk=1), snn(x, 50, chunk=50), rtol=1e-5, atol=1e-6)
+
+
+def test_residual_network_converts_and_approaches_ann():
+    model = _warm_up(models.preact_resnet18("rnl", in_channels=1, input_size=28), shape=(8, 1, 28, 28), batches=4)
+    snn = convert(model, "rnl")
+    x = torch.rand(2, 1, 28, 28)
+    out = snn(x, 64)
+    assert out.shape == (64, 2, 10)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("method", ["maxnorm", "robustnorm"])
+def test_threshold_balancing_baselines(method):
+    model = _warm_up(models.cnn7("relu"))
+    calibration = [(torch.rand(16, 1, 28, 28), torch.zeros(16))]
+    snn = convert(model, method, calibration=calibration)
+    scales = conv.activation_scales(model, calibration, method)
+    for name, layer in snn.neuron_layers.items():
+        assert layer.neurons.v_threshold == pytest.approx(scales[name]) == pytest.approx(layer.spike_weight)
+    x = calibration[0][0][:4]
+    torch.testing.assert_close(snn(x, 600)[-1], model(x), rtol=0.1, atol=0.1)  # MaxNorm converges, slowly
+
+
+def test_max_scale_is_the_calibration_max():
+    relu = nn.ReLU()
+    model = nn.Sequential(nn.Linear(3, 4), relu, nn.Linear(4, 2)).eval()
+    x = torch.randn(50, 3)
+    scales = conv.activation_scales(model, [(x, None)], "maxnorm")
+    assert scales["1"] == pytest.approx(float(relu(model[0](x)).max()))
+
+
+class _FunctionalRelu(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return F.relu(self.fc(x))
+
+
+class _Reused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.act = nn.Linear(4, 4), nn.Linear(4, 4), rnl_fast.RateNorm()
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(self.act(x))))
+
+
+@pytest.mark.parametrize(
+    "model, method, match",
+    [
+        pytest.param(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2)), "maxnorm", "max pooling at '2'", id="maxpool"),
+        pytest.param(_FunctionalRelu(), "maxnorm", "functional ReLU", id="functional-relu"),
+        pytest.param(nn.Sequential(nn.Linear(4, 4), nn.GELU()), "maxnorm", r"'1' \(GELU\) has no spiking equivalent", id="unknown"),
+        pytest.param(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), "rnl", "ReLU but this method converts RateNorm", id="relu-for-rnl"),
+        pytest.param(_Reused(), "rnl", "called more than once", id="reused-activation"),
+        pytest.param(nn.Sequential(nn.Linear(4, 4)), "rnl", "no RateNorm activations", id="no-activation"),
+    ],
+)
+def test_unconvertible_parts_are_named(model, method, match):
+    with pytest.raises(ConversionError, match=match):
+        convert(model, method, calibration=[(torch.randn(2, 1, 8, 8), None)])
+
+
+def test_unknown_method_and_missing_calibration():
+    with pytest.raises(ValueError, match="method must be one of"):
+        convert(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), "spikenorm")
+    with pytest.raises(ValueError, match="needs calibration data"):
+        convert(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), "maxnorm")
+
+
+class _OneNeuron(nn.Module):
+    """Input → identity current into 2 IF neurons → identity readout: countable by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.act = rnl_fast.RateNorm()
+        self.out = nn.Linear(2, 2)
+        with torch.no_grad():
+            self.out.weight.copy_(torch.eye(2))
+            self.out.bias.zero_()
+            self.act.running_max.fill_(1.0)
+
+    def forward(self, x):
+        return self.out(self.act(x))
+
+
+def test_bookkeeping_by_hand():
+    """Neuron 0 gets 0.5 per step (spikes at t = 2, 4, …), neuron 1 gets 0.25 (t = 4, 8, …)."""
+    model = _OneNeuron().eval()
+    snn = convert(model, "rnl")
+    x = torch.tensor([[0.5, 0.25], [0.25, 0.5]])
+    y = torch.tensor([0, 1])
+    res = simulate(snn, [(x, y)], T=8, ann=model, progress=False)
+    # spikes per image per step: t=1: 0; t=2: 1 (one neuron at 0.5 in each image); t=3: 0; t=4: 2
+    assert res.spikes_per_step == pytest.approx([0, 1, 0, 2, 0, 1, 0, 2])
+    # Output = mean current so far; nothing fires at t = 1 → ties → argmax 0: image 0 right only.
+    assert res.accuracy[0] == 50.0 and res.accuracy[1] == 100.0 and res.accuracy[3] == 100.0
+    # K at t = 4: rates (0.5, 0.25) exactly equal r̂ (up to θ's 1e-6) → K ≈ 0; at t = 1: rates 0 → K = 1.
+    curve = res.k_curves["act"]
+    assert curve[0] == pytest.approx(1.0, abs=1e-5) and curve[3] == pytest.approx(0.0, abs=1e-5)
+    reached = energy.energy_to_accuracy(res.accuracy, res.spikes_per_step, target=100.0)
+    assert reached.steps == 2 and reached.energy == pytest.approx(1.0)
+
+
+def test_energy_model():
+    assert energy.power_per_step([2.0, 0.0], alpha=1e-9) == pytest.approx([2e-6, 0.0])
+    a = energy.energy_to_accuracy([10, 50, 91, 95], [5, 5, 5, 5], target=90)
+    b = energy.energy_to_accuracy([10, 20, 30, 91], [2, 2, 2, 2], target=90)
+    assert (a.steps, a.energy, b.steps, b.energy) == (3, 15, 4, 8)
+    assert energy.energy_ratio(a, b) == pytest.approx(15 / 8)
+    assert energy.energy_to_accuracy([1, 2], [1, 1], 99).steps is None
+    with pytest.raises(ValueError, match="differ in length"):
+        energy.energy_to_accuracy([1], [1, 2], 50)
+
+
+def test_bad_T():
+    snn = convert(_OneNeuron().eval(), "rnl")
+    for T in (0, -3, 2.5):
+        with pytest.raises(ValueError, match="T must be a positive int"):
+            snn(torch.ones(1, 2), T)
