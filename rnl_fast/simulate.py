@@ -342,3 +342,21 @@ def _k_observer(name: str, target: Tensor, counts: dict[str, Tensor], k_num: Ten
         state["done"] += steps
 
     return observe
+
+
+@torch.no_grad()
+def mean_omega(snn: SpikingNetwork, ann: nn.Module, loader: Iterable, device: torch.device | str = "cpu") -> float:
+    """Mean Rate Inference Loss Ω (Eq. 8) of the ANN's rates r̂ at the converted layers, per
+    layer over each whole batch, averaged over layers and batches (for ReLU baselines r̂ is
+    clip(a/λ, 0, 1), the rate the balanced IF neuron tends to)."""
+    from .reference import omega
+
+    ann = ann.to(device).eval()
+    layers = snn.neuron_layers
+    values = [
+        float(torch.stack([omega(r) for r in _target_rates(ann, x.to(device), layers).values()]).mean())
+        for x, _y in loader
+    ]
+    if not values:
+        raise ValueError("the loader gave no batches")
+    return sum(values) / len(values)
