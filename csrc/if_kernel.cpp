@@ -12,7 +12,10 @@
 namespace rnl_fast {
 namespace {
 
-constexpr int64_t kForwardBlock = 1024;  // 4 KB of fp32 membrane + 4 KB threshold: stays in L1
+#ifndef RNL_FAST_FORWARD_BLOCK
+#define RNL_FAST_FORWARD_BLOCK 1024
+#endif
+constexpr int64_t kForwardBlock = RNL_FAST_FORWARD_BLOCK;  // fp32 membrane + threshold of a block stay in L1
 constexpr int64_t kBackwardBlock = 256;  // the backward keeps T × block membranes in scratch
 
 template <typename Acc>
@@ -61,9 +64,8 @@ void if_forward(const In* x, IFShape shape, NeuronParam<Acc> v_th, NeuronParam<A
 #pragma omp parallel num_threads(num_threads)
   {
     std::vector<int64_t> my_step_counts(shape.T, 0);  // per thread: no atomics in the loop
-    alignas(64) Acc v[kForwardBlock];
-    alignas(64) Acc th[kForwardBlock];
-    alignas(64) int32_t count[kForwardBlock];
+    std::vector<Acc> v(kForwardBlock), th(kForwardBlock);
+    std::vector<int32_t> count(kForwardBlock);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < num_blocks; ++b) {
       const int64_t j0 = b * kForwardBlock;
@@ -74,12 +76,12 @@ void if_forward(const In* x, IFShape shape, NeuronParam<Acc> v_th, NeuronParam<A
         count[j] = 0;
       }
       if (reset == Reset::kHard) {
-        forward_block<true>(x, shape, j0, n, th, v_reset, v, count, spikes, my_step_counts.data());
+        forward_block<true>(x, shape, j0, n, th.data(), v_reset, v.data(), count.data(), spikes, my_step_counts.data());
       } else {
-        forward_block<false>(x, shape, j0, n, th, v_reset, v, count, spikes, my_step_counts.data());
+        forward_block<false>(x, shape, j0, n, th.data(), v_reset, v.data(), count.data(), spikes, my_step_counts.data());
       }
-      std::copy(v, v + n, v_final + j0);
-      std::copy(count, count + n, neuron_counts + j0);
+      std::copy(v.begin(), v.begin() + n, v_final + j0);
+      std::copy(count.begin(), count.begin() + n, neuron_counts + j0);
     }
 #pragma omp critical
     for (int64_t t = 0; t < shape.T; ++t) step_counts[t] += my_step_counts[t];

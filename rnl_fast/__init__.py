@@ -3,16 +3,21 @@
 The layers: :class:`IFSequence` (multi-step integrate-and-fire, one fused kernel per call) and
 :class:`RateNorm` (fused Rate Norm Layer with the Rate Inference Loss sums). The ops underneath
 are :func:`rnl_fast.ops.if_sequence` and :func:`rnl_fast.ops.rate_norm`; their pure-PyTorch
-definitions are in :mod:`rnl_fast.reference`.
+definitions are in :mod:`rnl_fast.reference`. The method on top: :func:`convert` (ANN → SNN,
+:mod:`rnl_fast.conversion`) and :func:`simulate` (accuracy, spikes, K curves per step,
+:mod:`rnl_fast.simulation`); training in :mod:`rnl_fast.train`, the CLI in :mod:`rnl_fast.cli`.
 """
 
+from .conversion import ConversionError, convert
 from .nn import IFSequence, RateNorm, rate_inference_loss
 from .ops import backend_for, if_sequence, rate_norm
 from .reference import omega
+from .simulation import SimulationResult, SpikingNetwork, simulate
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConversionError",
     "IFSequence",
     "RateNorm",
     "backend_for",
@@ -20,4 +25,7 @@ __all__ = [
     "omega",
     "rate_inference_loss",
     "rate_norm",
+    "SimulationResult",
+    "simulate",
+    "SpikingNetwork",
 ]

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from . import data, models, report, train
-from .convert import METHODS, ConversionError, convert
-from .simulate import SimulationResult, mean_omega, simulate
+from .conversion import METHODS, ConversionError, convert
+from .simulation import SimulationResult, mean_omega, simulate
 
 #: Validation images held out of the training set (stage 2 selects its checkpoint on them).
 VAL_FRACTION = 1 / 12

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .energy import energy_to_accuracy, power_per_step
-from .simulate import SimulationResult
+from .simulation import SimulationResult
 
 #: The latencies of the paper's Table 2 (plus 8, for MNIST's faster convergence).
 TABLE_STEPS = (8, 16, 32, 64, 128, 256)

@@ -13,7 +13,7 @@ activation by integrate-and-fire neurons (:class:`rnl_fast.IFSequence`, soft res
   calibration set; the spikes it emits carry the weight λ_l into the next layer, which is
   Theorem 1's ``W_SNN = W_ANN·λ_{l−1}`` with ``v_th,l = λ_l``.
 
-The result is a :class:`rnl_fast.simulate.SpikingNetwork`.
+The result is a :class:`rnl_fast.simulation.SpikingNetwork`.
 """
 
 from __future__ import annotations
@@ -191,7 +191,7 @@ def convert(
     calibration_batches: int | None = None,
     spike_dtype: torch.dtype | None = None,
 ):
-    """Convert a trained ANN to a :class:`~rnl_fast.simulate.SpikingNetwork`.
+    """Convert a trained ANN to a :class:`~rnl_fast.simulation.SpikingNetwork`.
 
     Args:
         model: the ANN (RateNorm activations for "rnl"/"rnl_ril", nn.ReLU for the baselines);
@@ -204,7 +204,7 @@ def convert(
     Raises:
         ConversionError: a part of the model that cannot run on spikes, named.
     """
-    from .simulate import SpikingNetwork  # the floor above: imported late to keep the layering
+    from .simulation import SpikingNetwork  # the floor above: imported late to keep the layering
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")

@@ -1,0 +1,107 @@
+"""The Triton kernels compiled for a real GPU, against the reference and SpikingJelly.
+
+Marked ``gpu``: skipped without CUDA; ``bench/gpu_check.sh`` runs them on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import rnl_fast
+from rnl_fast import ops, reference
+from rnl_fast.ops import IFResult, RateNormResult
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.fixture(autouse=True)
+def _default_backend(monkeypatch):
+    monkeypatch.delenv("RNL_FAST_BACKEND", raising=False)  # CUDA tensors → Triton
+
+
+@pytest.mark.parametrize(
+    "T, neurons, v_reset, spike_dtype",
+    [
+        pytest.param(1, (37,), None, None, id="T1-N37-soft"),
+        pytest.param(32, (128, 1000), None, None, id="T32-N128k-soft"),
+        pytest.param(64, (3, 5, 7), 0.0, None, id="T64-odd-hard"),
+        pytest.param(1000, (513,), None, torch.uint8, id="T1000-N513-uint8"),
+        pytest.param(16, (4096,), None, torch.bool, id="T16-N4096-bool"),
+    ],
+)
+def test_if_forward_matches_reference_spike_for_spike(T, neurons, v_reset, spike_dtype):
+    x = (torch.randn(T, *neurons, device="cuda") * 0.8 + 0.3)
+    v_th = torch.rand(neurons[-1], device="cuda") + 0.4
+    fast = ops.if_sequence(x, v_th=v_th, v_init=0.1, v_reset=v_reset, spike_dtype=spike_dtype)
+    ref = IFResult(*reference.if_sequence(x, v_th=v_th, v_init=0.1, v_reset=v_reset, spike_dtype=spike_dtype))
+    assert torch.equal(fast.spikes, ref.spikes)
+    torch.testing.assert_close(fast.v, ref.v, rtol=1e-5, atol=1e-5)
+    assert torch.equal(fast.step_counts, ref.step_counts)
+    assert torch.equal(fast.neuron_counts, ref.neuron_counts)
+
+
+def test_if_constant_input_and_bf16():
+    current = torch.rand(64, 300, device="cuda")
+    fast = ops.if_sequence(current.expand(50, 64, 300), v_th=0.7)
+    ref = reference.if_sequence(current.expand(50, 64, 300).contiguous(), v_th=0.7)
+    assert torch.equal(fast.spikes, ref[0])
+    xb = torch.randn(20, 1000, device="cuda", dtype=torch.bfloat16)
+    assert torch.equal(ops.if_sequence(xb).spikes.float(), reference.if_sequence(xb.float())[0])
+
+
+@pytest.mark.parametrize("v_reset", [None, 0.0], ids=["soft", "hard"])
+def test_if_backward_matches_reference(v_reset):
+    x = (torch.randn(40, 8, 300, device="cuda") * 0.8 + 0.3).requires_grad_()
+    w = torch.randn_like(x)
+    grads = [torch.autograd.grad((fn(x, v_th=0.8, v_reset=v_reset)[0] * w).sum(), x)[0] for fn in (ops.if_sequence, reference.if_sequence)]
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_rate_norm_matches_reference(training):
+    x = (torch.randn(64, 32, 14, 14, device="cuda") * 1.5 + 0.3).requires_grad_()
+    raw_p = torch.tensor(1.2, device="cuda", requires_grad=True)
+    running_max = torch.tensor(2.0, device="cuda")
+    w = torch.randn_like(x)
+    outs, grads = [], []
+    for fn in (ops.rate_norm, reference.rate_norm):
+        out = RateNormResult(*fn(x, raw_p, running_max, 0.1, training))
+        outs.append(out)
+        loss = (out.r * w).sum() + out.sum_r / (out.sum_r2 + 1e-5)
+        grads.append(torch.autograd.grad(loss, [x, raw_p]))
+    torch.testing.assert_close(outs[0].r, outs[1].r, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outs[0].running_max, outs[1].running_max)
+    torch.testing.assert_close(outs[0].sum_r, outs[1].sum_r, rtol=1e-4, atol=1e-3)
+    for fast, ref in zip(*grads):
+        torch.testing.assert_close(fast, ref, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("spikingjelly") is None, reason="spikingjelly not installed")
+def test_equals_spikingjelly_triton_backend():
+    from spikingjelly.activation_based import neuron
+
+    x = torch.randn(32, 16, 4096, device="cuda") * 0.7 + 0.3
+    ours = rnl_fast.IFSequence(v_threshold=1.0)(x)
+    try:
+        sj = neuron.IFNode(v_reset=None, step_mode="m", backend="triton").cuda()
+    except (ValueError, NotImplementedError, ImportError) as error:
+        pytest.skip(f"SpikingJelly's triton backend is unavailable: {error}")
+    assert torch.equal(ours, sj(x))
+
+
+def test_simulation_on_gpu_matches_cpu():
+    from rnl_fast import conversion, models
+
+    model = models.cnn7("rnl")
+    model.train()
+    with torch.no_grad():
+        for _ in range(5):
+            model(torch.rand(16, 1, 28, 28))
+    model.eval()
+    x = torch.rand(8, 1, 28, 28)
+    cpu = conversion.convert(model, "rnl")(x, 32)
+    gpu = conversion.convert(model.cuda(), "rnl")(x.cuda(), 32)
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-3, atol=1e-3)
