@@ -12,10 +12,8 @@
 namespace rnl_fast {
 namespace {
 
-#ifndef RNL_FAST_FORWARD_BLOCK
-#define RNL_FAST_FORWARD_BLOCK 1024
-#endif
-constexpr int64_t kForwardBlock = RNL_FAST_FORWARD_BLOCK;  // fp32 membrane + threshold of a block stay in L1
+constexpr int64_t kForwardBlock = 4096;  // membrane, threshold and count of a block: 48 KB, L1/L2
+
 constexpr int64_t kBackwardBlock = 256;  // the backward keeps T × block membranes in scratch
 
 template <typename Acc>
@@ -27,29 +25,59 @@ inline Acc surrogate_grad(Acc u, Surrogate surrogate, Acc width) {
   return std::abs(u) < Acc(0.5) * width ? Acc(1) / width : Acc(0);
 }
 
-// One block of `n` neurons over all steps. HARD is a template argument so that the inner loop
-// carries no branch on the reset kind.
+// Steps [t0, t0 + U) for one block of `n` neurons. The U steps are unrolled inside the neuron
+// loop so that a neuron's membrane, threshold and count stay in registers for U steps: one pass
+// over the block-local arrays per U steps instead of per step. (Measured on one core of an EPYC,
+// T = 32 × 1M fp32: 17.5 ms with U = 1, 10.8 ms with U = 8; a memcpy of the same bytes 6.6 ms.)
+// HARD is a template argument so that the inner loop carries no branch on the reset kind.
+template <int U, bool HARD, typename In, typename Out, typename Acc>
+inline void forward_steps(const In* __restrict x, const IFShape& shape, int64_t t0, int64_t j0, int64_t n,
+                          const Acc* __restrict th, Acc v_reset, Acc* __restrict v,
+                          int32_t* __restrict count, Out* __restrict spikes, int64_t* step_counts) {
+  const int64_t x_stride = shape.t_stride, s_stride = shape.N;  // locals: provably loop-invariant
+  const In* __restrict xt = x + t0 * x_stride + j0;
+  Out* __restrict st = spikes + t0 * s_stride + j0;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    Acc vj = v[j];
+    const Acc thj = th[j];
+    int32_t cj = count[j];
+#pragma GCC unroll 16
+    for (int u = 0; u < U; ++u) {
+      const Acc m = vj + load<Acc>(xt + u * x_stride + j);
+      const bool fired = m >= thj;
+      if constexpr (HARD) {
+        vj = fired ? v_reset : m;
+      } else {
+        vj = fired ? m - thj : m;
+      }
+      st[u * s_stride + j] = spike_value<Out>(fired);
+      cj += fired;
+    }
+    v[j] = vj;
+    count[j] = cj;
+  }
+  // Per-step totals from the rows just written (still in cache): U separate reductions inside
+  // the loop above keep GCC from vectorising it (measured: 140 ms instead of 11 ms).
+  for (int u = 0; u < U; ++u) {
+    const Out* __restrict row = st + u * s_stride;
+    int32_t fired_now = 0;
+#pragma omp simd reduction(+ : fired_now)
+    for (int64_t j = 0; j < n; ++j) fired_now += is_spike(row[j]);
+    step_counts[t0 + u] += fired_now;
+  }
+}
+
 template <bool HARD, typename In, typename Out, typename Acc>
 void forward_block(const In* x, const IFShape& shape, int64_t j0, int64_t n, const Acc* th,
                    Acc v_reset, Acc* v, int32_t* count, Out* spikes, int64_t* step_counts) {
-  for (int64_t t = 0; t < shape.T; ++t) {
-    const In* xt = x + t * shape.t_stride + j0;
-    Out* st = spikes + t * shape.N + j0;
-    int32_t fired_now = 0;
-#pragma omp simd reduction(+ : fired_now)
-    for (int64_t j = 0; j < n; ++j) {
-      const Acc m = v[j] + load<Acc>(xt + j);
-      const bool fired = m >= th[j];
-      if constexpr (HARD) {
-        v[j] = fired ? v_reset : m;
-      } else {
-        v[j] = fired ? m - th[j] : m;
-      }
-      st[j] = spike_value<Out>(fired);
-      count[j] += fired;
-      fired_now += fired;
-    }
-    step_counts[t] += fired_now;
+  constexpr int kUnroll = 8;
+  int64_t t = 0;
+  for (; t + kUnroll <= shape.T; t += kUnroll) {
+    forward_steps<kUnroll, HARD>(x, shape, t, j0, n, th, v_reset, v, count, spikes, step_counts);
+  }
+  for (; t < shape.T; ++t) {
+    forward_steps<1, HARD>(x, shape, t, j0, n, th, v_reset, v, count, spikes, step_counts);
   }
 }
 
@@ -61,7 +89,7 @@ void if_forward(const In* x, IFShape shape, NeuronParam<Acc> v_th, NeuronParam<A
                 int32_t* neuron_counts, int num_threads) {
   const int64_t num_blocks = (shape.N + kForwardBlock - 1) / kForwardBlock;
   std::fill(step_counts, step_counts + shape.T, 0);
-#pragma omp parallel num_threads(num_threads)
+#pragma omp parallel num_threads(num_threads) if (shape.T * shape.N >= kParallelMinWork)
   {
     std::vector<int64_t> my_step_counts(shape.T, 0);  // per thread: no atomics in the loop
     std::vector<Acc> v(kForwardBlock), th(kForwardBlock);
@@ -95,7 +123,7 @@ void if_backward(const In* grad_spikes, const Acc* grad_v_final, const In* x, IF
                  int num_threads) {
   const int64_t num_blocks = (shape.N + kBackwardBlock - 1) / kBackwardBlock;
   const bool hard = reset == Reset::kHard;
-#pragma omp parallel num_threads(num_threads)
+#pragma omp parallel num_threads(num_threads) if (shape.T * shape.N >= kParallelMinWork)
   {
     std::vector<Acc> membrane(static_cast<size_t>(shape.T) * kBackwardBlock);  // m[t][j]
     alignas(64) Acc v[kBackwardBlock];

@@ -12,6 +12,10 @@ namespace rnl_fast {
 // Storage codes shared with rnl_fast/ops.py (_DTYPE_CODES): keep the two in sync.
 enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3, kUInt8 = 4 };
 
+// Below this many elements one thread does the work: waking an OpenMP team costs more than it
+// saves, and on a loaded machine a spinning team can stall a tiny call for milliseconds.
+constexpr int64_t kParallelMinWork = 1 << 18;
+
 struct bf16_t {
   uint16_t bits;
 };
@@ -63,6 +67,17 @@ inline T spike_value(bool fired) {
 template <>
 inline bf16_t spike_value<bf16_t>(bool fired) {
   return bf16_t{static_cast<uint16_t>(fired ? 0x3f80 : 0)};
+}
+
+// Whether a stored spike is a 1 (spikes are exactly 0 or 1 in every storage type).
+template <typename T>
+inline int32_t is_spike(T v) {
+  return v != T(0);
+}
+
+template <>
+inline int32_t is_spike<bf16_t>(bf16_t v) {
+  return v.bits != 0;
 }
 
 }  // namespace rnl_fast

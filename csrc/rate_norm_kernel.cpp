@@ -11,7 +11,7 @@ namespace rnl_fast {
 template <typename In>
 double relu_max(const In* x, int64_t M, int num_threads) {
   float best = 0.0f;  // relu: the max is never below 0
-#pragma omp parallel for simd num_threads(num_threads) reduction(max : best) schedule(static)
+#pragma omp parallel for simd num_threads(num_threads) if (M >= kParallelMinWork) reduction(max : best) schedule(static)
   for (int64_t i = 0; i < M; ++i) {
     const float v = load<float>(x + i);
     best = v > best ? v : best;  // false for NaN: NaN is skipped
@@ -22,7 +22,7 @@ double relu_max(const In* x, int64_t M, int num_threads) {
 template <typename In, typename Acc>
 RateSums rate_norm_forward(const In* x, int64_t M, Acc theta, In* r, int num_threads) {
   double sum_r = 0.0, sum_r2 = 0.0;
-#pragma omp parallel num_threads(num_threads)
+#pragma omp parallel num_threads(num_threads) if (M >= kParallelMinWork)
   {
     // Accumulate in Acc within chunks of 4096 (vectorisable), then in double across chunks.
     constexpr int64_t kChunk = 4096;
@@ -56,7 +56,7 @@ template <typename In, typename Acc>
 double rate_norm_backward(const In* grad_r, Acc grad_sum_r, Acc grad_sum_r2, const In* x,
                           int64_t M, Acc theta, In* grad_x, int num_threads) {
   double grad_theta = 0.0;
-#pragma omp parallel num_threads(num_threads)
+#pragma omp parallel num_threads(num_threads) if (M >= kParallelMinWork)
   {
     constexpr int64_t kChunk = 4096;
     double mine = 0.0;
