@@ -269,14 +269,17 @@ def _(grad_spikes, grad_v_final, x, v_th, v_init, v_reset, hard_reset, surrogate
 def _if_setup_context(ctx, inputs, output) -> None:
     x, v_th, v_init, v_reset, hard_reset, surrogate, width, detach_reset, _ = inputs
     ctx.save_for_backward(x, v_th, v_init)  # x only: the backward recomputes the membrane
+    ctx.set_materialize_grads(False)  # unused outputs (membrane, counts) cost no zero-filled [T, N]
     ctx.options = (v_reset, hard_reset, surrogate, width, detach_reset)
     ctx.v_init_shape = v_init.shape
 
 
 def _if_autograd_backward(ctx, grad_spikes, grad_v_final, _grad_steps, _grad_neurons):
     x, v_th, v_init = ctx.saved_tensors
-    if not grad_spikes.is_floating_point():
+    if grad_spikes is not None and not grad_spikes.is_floating_point():
         grad_spikes = None  # uint8/bool spikes carry no gradient
+    if grad_spikes is None and grad_v_final is None:
+        return None, None, None, None, None, None, None, None, None
     grad_x, grad_v_init = _if_backward(grad_spikes, grad_v_final, x, v_th, v_init, *ctx.options)
     if ctx.v_init_shape != grad_v_init.shape:  # a scalar initial membrane: sum over neurons
         grad_v_init = grad_v_init.sum().reshape(ctx.v_init_shape)
@@ -418,10 +421,13 @@ def _(grad_r, grad_sums, x, raw_p, running_max):
 def _rate_norm_setup_context(ctx, inputs, output) -> None:
     x, raw_p, _running_max, _momentum, _training = inputs
     ctx.save_for_backward(x, raw_p, output[1])  # r̂ is recomputed from x: nothing else is kept
+    ctx.set_materialize_grads(False)
 
 
 def _rate_norm_autograd_backward(ctx, grad_r, _grad_running_max, grad_sum_r, grad_sum_r2):
     x, raw_p, running_max = ctx.saved_tensors
+    if grad_r is None and grad_sum_r is None and grad_sum_r2 is None:
+        return None, None, None, None, None
     cdt = compute_dtype_of(x.dtype)
     zero = torch.zeros((), dtype=cdt, device=x.device)
     grad_sums = torch.stack(
