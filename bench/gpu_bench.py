@@ -1,0 +1,133 @@
+"""The GPU benchmarks of ``bench/gpu_check.sh``: every case on CUDA, the copy bandwidth, one table.
+
+    python bench/gpu_bench.py [--log-dir DIR] [--budget-s SECONDS]
+    python bench/gpu_bench.py --cpu-dry-run     # the same code paths on CPU at tiny sizes
+
+Runs the cases of ``benchlib`` (the ones ``pytest bench/`` runs) with CUDA-event timing:
+IF at T = 32 and 16M neurons, Rate Norm at [128, 32, 28, 28], ours beside x.clone(), the eager
+reference, SpikingJelly 2.0's Triton backend and torch.compile of the reference. The compile
+cases come last and no baseline starts after ``--budget-s`` seconds, so the script fits its
+time slot; on SIGTERM (``timeout``) it stops and still prints the table of what it measured.
+
+stdout: one progress line per case, then the final table and the targets. ``--log-dir`` also
+receives gpu_bench.md (the per-group tables and the final table) and gpu_bench.json.
+Exit status: 0, or 1 when one of *ours* failed (a failing baseline is a note in the table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from types import FrameType
+
+import torch
+
+import benchlib
+
+#: Seconds of timed rounds per case: CUDA calls take milliseconds, so this buys ~50 rounds.
+ROUND_BUDGET_S = {"cuda": 1.0, "cpu": 0.2}
+#: Note of a case that raised (a failing baseline is reported; a failing ours fails the script).
+ERROR = "ERROR"
+
+
+class _Stop(Exception):
+    """SIGTERM arrived (the caller's time limit): stop measuring and report."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise _Stop()
+
+
+def _release(device: str) -> None:
+    """Frees the previous case's tensors so that peak-memory figures start from a clean device."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_cases(
+    device: str, scale: str, budget_s: float, measurements: list[benchlib.Measurement], log: list[str]
+) -> None:
+    """Measures every case into ``measurements`` (in place: a SIGTERM keeps what was measured)."""
+    deadline = time.monotonic() + budget_s
+    # Compile cases last: each costs tens of seconds of compilation before its first figure.
+    order = [(g, i) for g in benchlib.GROUPS for i in g.impls if i != "compile"]
+    order += [(g, "compile") for g in benchlib.GROUPS if "compile" in g.impls]
+    for group, impl in order:
+        label = f"{group.name} [{device}] {impl}"
+        if impl != "ours" and time.monotonic() > deadline:
+            measurements.append(benchlib.skipped(group, impl, device, "time budget spent"))
+            print(f"  skip {label}: time budget spent", flush=True)
+            continue
+        start = time.monotonic()
+        try:
+            case = benchlib.build_case(group.name, impl, device, scale)
+            m = benchlib.measure_case(
+                case, lambda run, rounds: benchlib.time_calls(run, device, rounds), ROUND_BUDGET_S[device]
+            )
+            del case
+        except benchlib.Unavailable as reason:
+            m = benchlib.skipped(group, impl, device, str(reason))
+        except _Stop:
+            raise
+        except Exception as error:  # one broken case must not hide the others' figures
+            log += ["", f"ERROR in {label}:", "```", traceback.format_exc(), "```"]
+            first_line = (str(error).strip().splitlines() or [""])[0][:120]
+            m = benchlib.skipped(group, impl, device, f"{ERROR} {type(error).__name__}: {first_line}")
+        finally:
+            _release(device)
+        measurements.append(m)
+        if m.median_s is None:
+            figure = m.note
+        else:
+            figure = f"{benchlib.ms_text(m.median_s)} ms, peak {benchlib.mb_text(m.peak_bytes)} MB"
+        print(f"  {label}: {figure}  ({time.monotonic() - start:.0f} s)", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cpu-dry-run", action="store_true", help="run the same code on CPU at tiny sizes")
+    parser.add_argument("--log-dir", type=Path, help="where gpu_bench.md and gpu_bench.json go")
+    parser.add_argument("--budget-s", type=float, default=180.0, help="no baseline starts after this many seconds")
+    args = parser.parse_args(argv)
+
+    device = "cpu" if args.cpu_dry_run else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        print("ERROR: torch sees no CUDA device; on a CPU machine use --cpu-dry-run", file=sys.stderr)
+        return 2
+    scale = "tiny" if args.cpu_dry_run else benchlib.bench_scale()
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+    log = ["# rnl_fast GPU benchmarks", "", *benchlib.environment_lines(scale)]
+    print("\n".join(log[2:]), flush=True)
+    copy_gbps: dict[str, float] = {}
+    measurements: list[benchlib.Measurement] = []
+    try:
+        copy_gbps[device] = benchlib.copy_bandwidth_gbps(device, benchlib.copy_bytes_for(device, scale))
+        print(f"copy bandwidth ({device}, copy_ of {benchlib.copy_bytes_for(device, scale) / 2**20:.0f} MiB, "
+              f"read + write): {copy_gbps[device]:.1f} GB/s", flush=True)  # fmt: skip
+        run_cases(device, scale, args.budget_s, measurements, log)
+    except _Stop:
+        print("stopped by SIGTERM (time limit): reporting what was measured", flush=True)
+
+    final = benchlib.summary_table(measurements, copy_gbps)
+    log += ["", "## Per group", *benchlib.group_tables(measurements, copy_gbps), "", "## Summary", "", *final]
+    print("\n" + "\n".join(final), flush=True)
+    if args.log_dir:
+        args.log_dir.mkdir(parents=True, exist_ok=True)
+        (args.log_dir / "gpu_bench.md").write_text("\n".join(log) + "\n")
+        records = [dataclasses.asdict(m) | {"gbps": m.gbps} for m in measurements]
+        (args.log_dir / "gpu_bench.json").write_text(json.dumps({"copy_gbps": copy_gbps, "cases": records}, indent=1))
+        print(f"\nlogs: {args.log_dir}/gpu_bench.md, gpu_bench.json")
+    return 1 if any(m.impl == "ours" and m.note.startswith(ERROR) for m in measurements) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
