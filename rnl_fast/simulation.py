@@ -21,8 +21,30 @@ from tqdm.auto import tqdm
 
 from .nn import IFSequence
 
-#: Default bound on the largest per-chunk activation, in bytes (chunk size is chosen from it).
-DEFAULT_CHUNK_BYTES = 256 * 2**20
+#: Bounds on the largest activation of one chunk, in bytes; between them the simulator takes an
+#: eighth of the memory available on the device (a chunk holds a few such tensors at once).
+MIN_CHUNK_BYTES = 64 * 2**20
+MAX_CHUNK_BYTES = 1024 * 2**20
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for new tensors: the GPU's free memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * MAX_CHUNK_BYTES  # unknown: assume the largest budget is affordable
+
+
+def chunk_budget(device: torch.device) -> int:
+    """The per-chunk activation budget on ``device`` (see :data:`MIN_CHUNK_BYTES`)."""
+    return max(MIN_CHUNK_BYTES, min(MAX_CHUNK_BYTES, available_memory(device) // 8))
 
 
 class SpikingNeurons(nn.Module):
@@ -112,8 +134,10 @@ class SpikingNetwork(nn.Module):
             yield summed / t.view(-1, *[1] * (summed.dim() - 1))
             done += steps
 
-    def chunk_size(self, x: Tensor, T: int, budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
-        """Steps per chunk such that the largest activation of a chunk stays within the budget."""
+    def chunk_size(self, x: Tensor, T: int, budget_bytes: int | None = None) -> int:
+        """Steps per chunk such that the largest activation of a chunk stays within the budget
+        (default: :func:`chunk_budget` of x's device, i.e. chosen from the free memory)."""
+        budget_bytes = budget_bytes or chunk_budget(x.device)
         per_step = self._largest_activation_bytes(x)
         return max(1, min(T, budget_bytes // max(per_step, 1)))
 

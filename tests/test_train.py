@@ -1,0 +1,429 @@
+"""Tests of rnl_fast.train: the two stages, checkpoints and resume, determinism, DDP on 2 CPU ranks."""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from rnl_fast import data, models, train
+from rnl_fast.nn import RateNorm
+
+sys.path.insert(0, str(Path(__file__).parent))
+from ddp_train_worker import tiny_model  # noqa: E402  (the same network in one and two processes)
+
+NUM_CLASSES = 4
+IMAGE_SIZE = 8
+
+
+class _Interrupted(Exception):
+    """Stands in for a crash or Ctrl-C in the middle of training."""
+
+
+class _StopAfter:
+    """Yields ``loader``'s batches for ``passes`` epochs, then raises :class:`_Interrupted`."""
+
+    def __init__(self, loader: data.ArrayLoader, passes: int) -> None:
+        self.loader = loader
+        self.passes = passes
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        if self.passes == 0:
+            raise _Interrupted
+        self.passes -= 1
+        yield from self.loader
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the
+    threads' spin-waits cost more than the work; restored for the other test modules."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def splits() -> tuple[data.ImageDataset, data.ImageDataset]:
+    dataset = data.make_synthetic(192, image_size=IMAGE_SIZE, num_classes=NUM_CLASSES, noise=0.3)
+    return data.train_val_split(dataset, 0.25, seed=0)
+
+
+def _loaders(splits, seed: int = 0) -> tuple[data.ArrayLoader, data.ArrayLoader, torch.Generator]:
+    generator = torch.Generator().manual_seed(seed)
+    train_part, val_part = splits
+    return (
+        data.make_loader(train_part, 16, shuffle=True, generator=generator),
+        data.make_loader(val_part, 64, shuffle=False),
+        generator,
+    )
+
+
+def _new_model(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return tiny_model()
+
+
+def _stage1(model: nn.Module, splits, epochs: int = 4, **kwargs) -> list[dict]:
+    train_loader, val_loader, generator = _loaders(splits)
+    kwargs = {"lr": 0.05, "progress": False, **kwargs}
+    return train.train_stage1(model, train_loader, epochs=epochs, val_loader=val_loader, generator=generator, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def stage1_model(splits) -> nn.Sequential:
+    """The tiny network after stage 1 (copy it before changing it)."""
+    model = _new_model()
+    _stage1(model, splits)
+    return model
+
+
+def _stage2(model: nn.Module, splits, epochs: int = 3, **kwargs) -> list[dict]:
+    train_loader, val_loader, generator = _loaders(splits)
+    kwargs = {"lam": 0.5, "tolerance": 5.0, **kwargs}
+    return train.train_stage2(
+        model, train_loader, val_loader, epochs=epochs, generator=generator, progress=False, **kwargs
+    )
+
+
+def _assert_states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def _clone_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+# ─────────────────────────────── evaluation ───────────────────────────────
+
+
+def test_evaluate_ann_counts_and_restores_mode() -> None:
+    model = nn.Identity()  # logits = x: the prediction is the hot index
+    model.train()
+    x = torch.eye(4).repeat(3, 1)  # 12 samples, classes 0..3
+    y = torch.arange(4).repeat(3)
+    y[:3] = (y[:3] + 1) % 4  # 3 of 12 wrong
+    batches = [(x[:5], y[:5]), (x[5:], y[5:])]
+    assert train.evaluate_ann(model, batches) == pytest.approx(75.0)
+    assert model.training
+
+
+# ─────────────────────────────── stage 1 ───────────────────────────────
+
+
+def test_stage1_lowers_loss_and_freezes_p(splits) -> None:
+    model = _new_model()
+    raw_before = [m.raw_p.detach().clone() for m in model.modules() if isinstance(m, RateNorm)]
+    history = _stage1(model, splits)
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert history[-1]["val_acc"] > 100.0 / NUM_CLASSES + 20
+    assert history[-1]["omega"] is not None
+    layers = [m for m in model.modules() if isinstance(m, RateNorm)]
+    for layer, raw in zip(layers, raw_before):
+        assert not layer.raw_p.requires_grad
+        assert torch.equal(layer.raw_p.detach(), raw)  # neither gradient nor weight decay moved it
+        assert layer.running_max.item() != 1.0  # the running max did learn
+
+
+def test_stage1_trains_relu_baseline(splits) -> None:
+    torch.manual_seed(0)
+    model = models.cnn7(activation="relu", input_size=IMAGE_SIZE, num_classes=NUM_CLASSES)
+    history = _stage1(model, splits, epochs=2)
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert history[-1]["omega"] is None
+
+
+def test_stage1_learning_rate_schedule(splits) -> None:
+    history = _stage1(_new_model(), splits, epochs=4, milestones=(0.5, 0.75), gamma=0.1)
+    assert [entry["lr"] for entry in history] == pytest.approx([0.05, 0.05, 0.005, 0.0005])
+
+
+def test_progress_bar_shows_epoch_figures(splits, capsys: pytest.CaptureFixture[str]) -> None:
+    _stage1(_new_model(), splits, epochs=1, progress=True)
+    shown = capsys.readouterr().err
+    assert "stage 1 epoch 1/1" in shown and "val_acc=" in shown and "loss=" in shown
+
+
+# ─────────────────────────────── stage 2 ───────────────────────────────
+
+
+def test_stage2_trains_only_p_and_lowers_omega(stage1_model, splits) -> None:
+    model = copy.deepcopy(stage1_model)
+    before = _clone_state(model)
+    _, val_loader, _ = _loaders(splits)
+    reference_acc = train.evaluate_ann(stage1_model, val_loader)
+    reference_omega = train._accuracy_and_omega(stage1_model, val_loader, "cpu")[1]
+    tolerance = 5.0
+    history = _stage2(model, splits, tolerance=tolerance)
+    after = model.state_dict()
+    raw_names = [name for name in before if name.endswith("raw_p")]
+    assert raw_names
+    for name in before:
+        if name in raw_names:
+            assert not torch.equal(before[name], after[name]), name
+        else:  # weights, BN statistics and running maxima: bit for bit
+            assert torch.equal(before[name], after[name]), name
+    assert any(entry["selected"] for entry in history)
+    acc, omega = train._accuracy_and_omega(model, val_loader, "cpu")
+    assert omega < reference_omega
+    assert acc >= reference_acc - tolerance
+    assert omega == pytest.approx(min(e["omega"] for e in history if e["selected"]))
+
+
+def test_stage2_cosine_term_has_gradient_wrt_p(stage1_model, splits) -> None:
+    """λ = 0 leaves only 1 − cos(r*, r′): p moves only if r* is a fixed target that r′ can
+    approach (a network compared with itself would give a zero gradient)."""
+    model = copy.deepcopy(stage1_model)
+    history = _stage2(model, splits, epochs=2, lam=0.0, tolerance=100.0, p_init=0.9)
+    assert all(entry["train_omega"] > 0 for entry in history)
+    assert history[-1]["cos_loss"] < history[0]["cos_loss"]
+    # The cosine term pulls p back toward the stage-1 network's p ≈ 1.
+    assert all(layer.p.item() > 0.9 for layer in model.modules() if isinstance(layer, RateNorm))
+
+
+def test_stage2_keeps_stage1_state_when_nothing_is_within_tolerance(stage1_model, splits) -> None:
+    """p_init so low that accuracy collapses: no epoch qualifies, the stage-1 state comes back."""
+    model = copy.deepcopy(stage1_model)
+    history = _stage2(model, splits, epochs=1, p_init=0.01, lr=1e-6, tolerance=0.0)
+    assert not any(entry["selected"] for entry in history)
+    _assert_states_equal(model.state_dict(), stage1_model.state_dict())
+
+
+def test_stage2_shared_p_ties_all_layers(stage1_model, splits) -> None:
+    model = copy.deepcopy(stage1_model)
+    raw_ps = torch.stack([m.raw_p.detach() for m in model.modules() if isinstance(m, RateNorm)])
+    assert train.tie_rate_norm_p(copy.deepcopy(model)).item() == pytest.approx(raw_ps.mean().item())
+    _stage2(model, splits, shared_p=True)
+    layers = [m for m in model.modules() if isinstance(m, RateNorm)]
+    assert len({id(layer.raw_p) for layer in layers}) == 1
+    assert layers[0].p.item() < 0.999
+    # The state dict of a shared-p model loads into one with separate p's: same function.
+    unshared = copy.deepcopy(stage1_model)
+    unshared.load_state_dict(model.state_dict())
+    x = torch.rand(5, 1, IMAGE_SIZE, IMAGE_SIZE)
+    torch.testing.assert_close(unshared.eval()(x), model.eval()(x), rtol=0, atol=0)
+
+
+# ─────────────────────────── checkpoints and resume ───────────────────────────
+
+
+def test_checkpoint_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "run.pt"
+    train.save_checkpoint(path, epoch=1, weights=torch.arange(3.0))
+    real_save = torch.save
+
+    def crash_mid_write(obj: object, file) -> None:
+        file.write(b"half a checkpoint")
+        raise _Interrupted("killed while writing")
+
+    monkeypatch.setattr(torch, "save", crash_mid_write)
+    with pytest.raises(_Interrupted):
+        train.save_checkpoint(path, epoch=2, weights=torch.arange(5.0))
+    monkeypatch.setattr(torch, "save", real_save)
+    state = train.load_checkpoint(path)
+    assert state["epoch"] == 1 and torch.equal(state["weights"], torch.arange(3.0))
+    assert [p.name for p in tmp_path.iterdir()] == ["run.pt"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        pytest.param(b"\x00not a checkpoint\xff" * 10, id="garbage"),
+        pytest.param(None, id="truncated"),
+        pytest.param("foreign", id="foreign-torch-file"),
+    ],
+)
+def test_corrupt_checkpoint_raises_clear_error(tmp_path: Path, content) -> None:
+    path = tmp_path / "bad.pt"
+    if content is None:
+        train.save_checkpoint(path, weights=torch.randn(1000))
+        path.write_bytes(path.read_bytes()[:1000])
+    elif content == "foreign":
+        torch.save({"weights": torch.randn(3)}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(train.CheckpointError) as info:
+        train.load_checkpoint(path)
+    message = str(info.value)
+    assert str(path) in message and "\n" not in message
+
+
+def test_missing_checkpoint_raises_checkpoint_error(tmp_path: Path) -> None:
+    with pytest.raises(train.CheckpointError, match="does not exist"):
+        train.load_checkpoint(tmp_path / "absent.pt")
+
+
+def test_resume_with_corrupt_checkpoint_fails_loudly(tmp_path: Path, splits) -> None:
+    path = tmp_path / "run.pt"
+    path.write_bytes(b"garbage")
+    with pytest.raises(train.CheckpointError, match="run.pt"):
+        _stage1(_new_model(), splits, epochs=1, checkpoint_path=path, resume=True)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_resume_equals_uninterrupted(stage: int, stage1_model, splits, tmp_path: Path) -> None:
+    epochs = 3
+
+    def run(model: nn.Module, loader_seed: int, passes: int | None, **kwargs) -> list[dict]:
+        train_loader, val_loader, generator = _loaders(splits, seed=loader_seed)
+        loader = train_loader if passes is None else _StopAfter(train_loader, passes)
+        common = dict(epochs=epochs, generator=generator, progress=False, seed=7, **kwargs)
+        if stage == 1:
+            # dropout-free model: the torch RNG state matters only through the generator here
+            return train.train_stage1(model, loader, val_loader=val_loader, lr=0.05, **common)
+        return train.train_stage2(model, loader, val_loader, lam=0.5, tolerance=5.0, **common)
+
+    start = (lambda: _new_model()) if stage == 1 else (lambda: copy.deepcopy(stage1_model))
+    uninterrupted = start()
+    history = run(uninterrupted, 0, None)
+
+    path = tmp_path / "run.pt"
+    with pytest.raises(_Interrupted):
+        run(start(), 0, passes=2, checkpoint_path=path)
+    assert train.load_checkpoint(path)["epoch"] == 2
+    # A different model and a differently seeded generator: everything must come from the file.
+    resumed = _new_model(seed=123)
+    resumed_history = run(resumed, 999, None, checkpoint_path=path, resume=True)
+
+    _assert_states_equal(resumed.state_dict(), uninterrupted.state_dict())
+    assert resumed_history == history
+    assert train.load_checkpoint(path)["epoch"] == epochs
+    # Resuming a finished run trains nothing and gives back its result.
+    again = _new_model(seed=5)
+    assert run(again, 0, passes=0, checkpoint_path=path, resume=True) == history
+    _assert_states_equal(again.state_dict(), uninterrupted.state_dict())
+
+
+def test_resume_rejects_other_stage_or_epochs(tmp_path: Path, splits) -> None:
+    path = tmp_path / "run.pt"
+    _stage1(_new_model(), splits, epochs=1, checkpoint_path=path)
+    with pytest.raises(ValueError, match="epochs"):
+        _stage1(_new_model(), splits, epochs=2, checkpoint_path=path, resume=True)
+    with pytest.raises(ValueError, match="stage 1"):
+        _stage2(_new_model(), splits, epochs=1, checkpoint_path=path, resume=True)
+
+
+def test_model_from_checkpoint_rebuilds_the_model(tmp_path: Path, splits) -> None:
+    kwargs = {"activation": "rnl", "in_channels": 1, "num_classes": NUM_CLASSES, "input_size": IMAGE_SIZE}
+    torch.manual_seed(0)
+    model = models.build_model("cnn7", **kwargs)
+    path = tmp_path / "cnn7.pt"
+    _stage1(model, splits, epochs=1, checkpoint_path=path, model_name="cnn7", model_kwargs=kwargs)
+    rebuilt = train.model_from_checkpoint(path)
+    x = torch.rand(3, 1, IMAGE_SIZE, IMAGE_SIZE)
+    torch.testing.assert_close(rebuilt(x), model.eval()(x), rtol=0, atol=0)
+
+
+def test_same_seed_same_result(splits) -> None:
+    first, second = _new_model(), _new_model()
+    assert _stage1(first, splits, epochs=2) == _stage1(second, splits, epochs=2)
+    _assert_states_equal(first.state_dict(), second.state_dict())
+
+
+# ─────────────────────────────── arguments ───────────────────────────────
+
+
+@pytest.mark.parametrize(
+    "stage, kwargs, match",
+    [
+        pytest.param(1, {"epochs": -1}, "epochs", id="negative-epochs"),
+        pytest.param(1, {"epochs": 1, "lr": 0.0}, "lr", id="zero-lr"),
+        pytest.param(1, {"epochs": 1, "weight_decay": -1e-4}, "weight_decay", id="negative-decay"),
+        pytest.param(1, {"epochs": 1, "milestones": (1.5,)}, "milestones", id="milestone-past-end"),
+        pytest.param(2, {"epochs": -2}, "epochs", id="stage2-negative-epochs"),
+        pytest.param(2, {"epochs": 1, "lam": -0.1}, "lam", id="negative-lambda"),
+        pytest.param(2, {"epochs": 1, "tolerance": -1.0}, "tolerance", id="negative-tolerance"),
+        pytest.param(2, {"epochs": 1, "p_init": 1.5}, "p_init", id="p-init-above-1"),
+    ],
+)
+def test_bad_arguments(stage: int, kwargs: dict, match: str) -> None:
+    batches = [(torch.rand(2, 1, IMAGE_SIZE, IMAGE_SIZE), torch.tensor([0, 1]))]
+    with pytest.raises(ValueError, match=match):
+        if stage == 1:
+            train.train_stage1(_new_model(), batches, progress=False, **kwargs)
+        else:
+            train.train_stage2(_new_model(), batches, batches, progress=False, **kwargs)
+
+
+def test_stage2_needs_rate_norm_layers() -> None:
+    batches = [(torch.rand(2, 3), torch.tensor([0, 1]))]
+    with pytest.raises(ValueError, match="RateNorm"):
+        train.train_stage2(nn.Linear(3, 2), batches, batches, epochs=1, progress=False)
+
+
+# ─────────────────────────────── data parallel ───────────────────────────────
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_shard_splits_evenly_and_disjointly(world_size: int, splits) -> None:
+    train_part, _ = splits
+    n = len(train_part)
+    indices = torch.arange(n)
+    parts = [train.shard(indices, rank, world_size) for rank in range(world_size)]
+    assert {len(part) for part in parts} == {n // world_size}
+    together = torch.cat(parts)
+    assert together.unique().numel() == together.numel() == n - n % world_size
+    datasets = [train.shard(train_part, rank, world_size) for rank in range(world_size)]
+    for dataset, part in zip(datasets, parts):
+        assert torch.equal(dataset.labels, train_part.labels[part])
+    subset = train.shard(torch.utils.data.TensorDataset(indices), world_size - 1, world_size)
+    assert [subset[i][0].item() for i in range(len(subset))] == parts[-1].tolist()
+    assert train.shard(list(range(n)), 0, world_size) == parts[0].tolist()
+
+
+def test_shard_rejects_bad_rank() -> None:
+    with pytest.raises(ValueError, match="rank"):
+        train.shard(list(range(10)), 2, 2)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_ddp_two_ranks(tmp_path: Path) -> None:
+    """torchrun, 2 CPU ranks (gloo): identical weights and running maxima on both ranks, the
+    running max the MAX over ranks of their local values; only rank 0 checkpoints."""
+    worker = Path(__file__).with_name("ddp_train_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+        "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(worker), str(tmp_path),
+    ]
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for key in ("after_stage1", "after_stage2"):
+        _assert_states_equal(ranks[0][key], ranks[1][key])
+    assert ranks[0]["history1"] == ranks[1]["history1"]
+    assert ranks[0]["history2"] == ranks[1]["history2"]
+
+    state1 = ranks[0]["after_stage1"]
+    stored = [value for name, value in state1.items() if name.endswith("running_max")]  # module order
+    local = [ranks[r]["local_max_stage1"] for r in range(2)]
+    for layer, value in enumerate(stored):
+        assert torch.equal(value, torch.maximum(local[0][layer], local[1][layer])), layer
+    # The first layer sees the raw (×3 on rank 1) inputs: rank 1's larger maximum wins there.
+    assert torch.equal(stored[0], local[1][0]) and stored[0] > local[0][0]
+    # Stage 2 kept the running maxima and weights, and moved p identically on both ranks.
+    for name, value in ranks[0]["after_stage2"].items():
+        if not name.endswith("raw_p"):
+            assert torch.equal(value, ranks[0]["after_stage1"][name]), name
+
+    checkpoint = train.load_checkpoint(tmp_path / "stage2.pt")
+    assert checkpoint["epoch"] == 1 and len(checkpoint["rng_states"]) == 2
+    _assert_states_equal(checkpoint["model_state"], ranks[0]["after_stage2"])
