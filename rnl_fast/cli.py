@@ -22,7 +22,7 @@ import torch
 
 from . import data, models, report, train
 from .conversion import METHODS, ConversionError, convert
-from .simulation import SimulationResult, mean_omega, simulate
+from .simulation import SimulationResult, mean_omega, reuse_freed_memory, simulate
 
 #: Validation images held out of the training set (stage 2 selects its checkpoint on them).
 VAL_FRACTION = 1 / 12
@@ -67,9 +67,16 @@ def _add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-images", type=_positive_int, default=None, help="use a random subset of the test set")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that answers a bad argument with one line (no usage block) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rnl-fast", description="ANN→SNN conversion with Rate Norm Layers (Ding et al. 2021)")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="rnl-fast", description="ANN→SNN conversion with Rate Norm Layers (Ding et al. 2021)")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = commands.add_parser("train", help="stage 1 (weights) or stage 2 (thresholds, with the Rate Inference Loss)")
     t.add_argument("--stage", type=int, choices=(1, 2), default=1)
@@ -78,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--from", dest="source", default=None, help="stage 2: the stage-1 checkpoint to start from")
     t.add_argument("--epochs", type=_non_negative_int, default=4)
     t.add_argument("--lr", type=float, default=None, help="default: 0.1 (stage 1), 0.01 (stage 2)")
-    t.add_argument("--lam", type=_non_negative_float, default=0.5, help="λ of the Rate Inference Loss (stage 2)")
+    t.add_argument("--lam", type=_non_negative_float, default=0.1, help="λ of the Rate Inference Loss (stage 2)")
     t.add_argument("--tolerance", type=_non_negative_float, default=0.5, help="stage 2: validation accuracy points it may lose")
     t.add_argument("--shared-p", action="store_true", help="stage 2: one p shared by all layers")
     t.add_argument("--resume", action="store_true", help="continue from --out if it exists")
@@ -95,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = commands.add_parser("demo", help="the whole pipeline on MNIST with cnn7: train, convert 4 ways, simulate, report")
     d.add_argument("--out", default="rnl_fast_demo", help="directory for results.json and the figures")
     d.add_argument("--epochs", type=_positive_int, default=2, help="stage-1 epochs of each network (stage 2: the same)")
-    d.add_argument("--lam", type=_non_negative_float, default=0.5)
+    d.add_argument("--lam", type=_non_negative_float, default=0.1, help="λ of the Rate Inference Loss (stage 2)")
     d.add_argument("-T", "--steps", dest="T", type=_positive_int, default=256)
     d.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (CI): small subsets, 1 epoch, T=32")
     _add_data_arguments(d)
@@ -107,8 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _loaders(args, train_split: bool = True):
-    """(train, val, test) loaders; train/val are None when ``train_split`` is False."""
-    generator = torch.Generator().manual_seed(args.seed)
+    """(train, val, test) loaders and the test set; train/val are None when ``train_split`` is
+    False. The training loader shuffles with ``args.generator`` (seeded), which the training
+    functions checkpoint so that a resumed run is exact."""
+    args.generator = torch.Generator().manual_seed(args.seed)
+    generator = args.generator
     test = data.load_dataset(args.dataset, "test", args.data_dir)
     if args.test_images:
         test = data.subset(test, min(args.test_images, len(test)), seed=args.seed)
@@ -151,7 +161,7 @@ def _write_report(out: Path, args, T: int, images: int, results: dict[str, repor
 
 def cmd_train(args) -> None:
     train_loader, val_loader, _test_loader, test = _loaders(args)
-    common = dict(device=args.device, seed=args.seed, checkpoint_path=args.out, resume=args.resume)
+    common = dict(device=args.device, seed=args.seed, generator=args.generator, checkpoint_path=args.out, resume=args.resume)
     if args.stage == 1:
         kwargs = _model_kwargs(args.model, args.activation, test)
         model = models.build_model(args.model, **kwargs)
@@ -198,7 +208,7 @@ def cmd_demo(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     train_loader, val_loader, test_loader, test = _loaders(args)
     print(f"rnl-fast demo: cnn7 on {args.dataset} ({len(test)} test images), {args.epochs} epoch(s) per stage, T = {args.T}")
-    common = dict(epochs=args.epochs, device=args.device, seed=args.seed, progress=True)
+    common = dict(epochs=args.epochs, device=args.device, seed=args.seed, generator=args.generator, progress=True)
     nets = {}
     for activation in ("relu", "rnl"):
         print(f"\n[stage 1] training cnn7 with {activation.upper()} activations")
@@ -223,6 +233,7 @@ def cmd_demo(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    reuse_freed_memory()  # training and simulation allocate the same large tensors again and again
     handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "demo": cmd_demo}
     try:
         handlers[args.command](args)

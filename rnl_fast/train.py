@@ -289,7 +289,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         # weights_only: a checkpoint is data; never run code found in a file.
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        # The first sentence only: torch's messages run on for paragraphs.
+        reason = str(error).strip().split(". ")[0].splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"checkpoint {path} is unreadable or corrupt: {reason}") from error
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"checkpoint {path} is not an rnl_fast checkpoint (no format {CHECKPOINT_FORMAT!r})")

@@ -1,0 +1,78 @@
+"""The rnl-fast command line: error paths (one line, exit 2) and the whole pipeline, tiny."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rnl_fast import cli
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        pytest.param(["train", "--model", "resnet9", "--out", "x.pt"], "invalid choice: 'resnet9'", id="unknown-model"),
+        pytest.param(["train", "--dataset", "imagenet", "--out", "x.pt"], "invalid choice: 'imagenet'", id="unknown-dataset"),
+        pytest.param(["train", "--dataset", "cifar10", "--out", "x.pt"], "CIFAR-10 needs a data directory", id="missing-dataset"),
+        pytest.param(["demo", "-T", "0"], "must be a positive integer, got 0", id="T-zero"),
+        pytest.param(["evaluate", "--checkpoint", "c.pt", "--method", "rnl", "-T", "-5"], "must be a positive integer", id="T-negative"),
+        pytest.param(["train", "--epochs", "-1", "--out", "x.pt"], "must be >= 0, got -1", id="negative-epochs"),
+        pytest.param(["train", "--stage", "2", "--lam", "-0.5", "--out", "x.pt"], "must be >= 0, got -0.5", id="negative-lambda"),
+        pytest.param(["train", "--stage", "2", "--out", "x.pt"], "stage 2 needs --from", id="stage2-without-source"),
+        pytest.param(["evaluate", "--checkpoint", "missing.pt", "--method", "rnl"], "missing.pt does not exist", id="missing-checkpoint"),
+    ],
+)
+def test_errors_are_one_line_with_exit_status_2(capsys, tmp_path, monkeypatch, argv, match):
+    monkeypatch.chdir(tmp_path)
+    code, _out, err = _run(capsys, *argv)
+    assert code == 2
+    assert match in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err
+
+
+def test_unreadable_checkpoint(capsys, tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    code, _out, err = _run(capsys, "evaluate", "--checkpoint", str(bad), "--method", "rnl")
+    assert code == 2 and "unreadable or corrupt" in err and len(err.strip().splitlines()) == 1
+
+
+def test_train_then_evaluate_on_synthetic_data(capsys, tmp_path):
+    ckpt = tmp_path / "s1.pt"
+    common = ["--dataset", "synthetic", "--batch-size", "64", "--train-images", "640", "--test-images", "64"]
+    assert _run(capsys, "train", "--stage", "1", "--epochs", "1", "--out", str(ckpt), *common)[0] == 0
+    ckpt2 = tmp_path / "s2.pt"
+    assert _run(capsys, "train", "--stage", "2", "--from", str(ckpt), "--epochs", "1", "--out", str(ckpt2), *common)[0] == 0
+    out_dir = tmp_path / "eval"
+    code, out, _err = _run(capsys, "evaluate", "--checkpoint", str(ckpt2), "--method", "rnl_ril", "-T", "16", "--out", str(out_dir), *common)
+    assert code == 0 and "rnl_ril" in out
+    results = json.loads((out_dir / "results.json").read_text())
+    assert results["T"] == 16 and len(results["methods"]["rnl_ril"]["snn_accuracy"]) == 16
+
+
+@pytest.mark.slow
+def test_demo_tiny(capsys, tmp_path):
+    """The whole demo in its tiny mode: every method, the table, results.json and the figures."""
+    code, out, err = _run(capsys, "demo", "--tiny", "--out", str(tmp_path))
+    assert code == 0, err
+    assert "T=8" in out and "steps to ANN−1" in out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["dataset"] == "mnist" and results["model"] == "cnn7"
+    assert set(results["methods"]) == {"maxnorm", "robustnorm", "rnl", "rnl_ril"}
+    for name, method in results["methods"].items():
+        assert len(method["snn_accuracy"]) == results["T"] == len(method["spikes_per_step"]), name
+        assert 0 <= method["ann_accuracy"] <= 100 and method["omega"] > 0
+        assert method["k_curves"], name
+    for figure in ("accuracy_vs_T.png", "k_curves.png", "power_per_step.png"):
+        assert (tmp_path / figure).stat().st_size > 10_000
