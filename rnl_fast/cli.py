@@ -4,6 +4,7 @@
     rnl-fast train --stage 1 --activation relu --out runs/relu.pt
     rnl-fast train --stage 2 --from runs/rnl.pt --lam 0.5 --out runs/rnl_ril.pt
     rnl-fast evaluate --checkpoint runs/rnl_ril.pt --method rnl_ril -T 256
+    rnl-fast compare --relu runs/relu.pt --rnl runs/rnl.pt --rnl-ril runs/rnl_ril.pt -T 256 --out runs/table
     rnl-fast demo --out demo_out
 
 Errors a user can cause (unknown model, missing dataset, bad numbers, unreadable checkpoint)
@@ -98,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-T", "--steps", dest="T", type=_positive_int, default=256)
     e.add_argument("--out", default=None, help="directory for results.json and figures")
     _add_data_arguments(e)
+
+    c = commands.add_parser("compare", help="convert and simulate the baselines and RNL/RNL+RIL side by side (Table 2)")
+    c.add_argument("--relu", help="stage-1 checkpoint of the ReLU network (MaxNorm, RobustNorm)")
+    c.add_argument("--rnl", help="stage-1 checkpoint of the Rate Norm network")
+    c.add_argument("--rnl-ril", dest="rnl_ril", help="stage-2 checkpoint (after the Rate Inference Loss)")
+    c.add_argument("-T", "--steps", dest="T", type=_positive_int, default=256)
+    c.add_argument("--out", default=None, help="directory for results.json and figures")
+    _add_data_arguments(c)
 
     d = commands.add_parser("demo", help="the whole pipeline on MNIST with cnn7: train, convert 4 ways, simulate, report")
     d.add_argument("--out", default="rnl_fast_demo", help="directory for results.json and the figures")
@@ -221,20 +230,39 @@ def cmd_demo(args) -> None:
     train.train_stage2(nets["rnl_ril"], train_loader, val_loader, lam=args.lam, checkpoint_path=out / "rnl_ril.pt",
                        model_name="cnn7", model_kwargs=_model_kwargs("cnn7", "rnl", test), **common)  # fmt: skip
     sources = {"maxnorm": nets["relu"], "robustnorm": nets["relu"], "rnl": nets["rnl"], "rnl_ril": nets["rnl_ril"]}
+    _compare(sources, args, test_loader, train_loader, len(test), out)
+    print(f"demo finished in {time.perf_counter() - started:.0f} s")
+
+
+def _compare(sources: dict, args, test_loader, calibration, images: int, out: Path | None) -> None:
+    """Convert and simulate each (method → ANN), print Table 2, write the report."""
     results = {}
     for method, model in sources.items():
         print(f"\n[convert + simulate] {method}, T = {args.T}")
-        results[method] = _evaluate_method(model.eval(), method, args.T, test_loader, train_loader, args.device)
-    print("\nAccuracy (%) of the converted SNNs after T steps (the paper's Table 2), on MNIST with cnn7:\n")
+        results[method] = _evaluate_method(model.eval(), method, args.T, test_loader, calibration, args.device)
+    print(f"\nAccuracy (%) of the converted SNNs after T steps (the paper's Table 2), {args.model_name} on {args.dataset}:\n")
     print(report.paper_table(results))
-    _write_report(out, args, args.T, len(test), results)
-    print(f"demo finished in {time.perf_counter() - started:.0f} s")
+    if out is not None:
+        _write_report(out, args, args.T, images, results)
+
+
+def cmd_compare(args) -> None:
+    checkpoints = {"relu": args.relu, "rnl": args.rnl, "rnl_ril": args.rnl_ril}
+    given = {kind: path for kind, path in checkpoints.items() if path}
+    if not given:
+        raise ValueError("give at least one of --relu, --rnl, --rnl-ril")
+    nets = {kind: train.model_from_checkpoint(path, args.device) for kind, path in given.items()}
+    args.model_name = train.load_checkpoint(next(iter(given.values()))).get("model_name", "model")
+    methods = {"maxnorm": "relu", "robustnorm": "relu", "rnl": "rnl", "rnl_ril": "rnl_ril"}
+    sources = {method: nets[kind] for method, kind in methods.items() if kind in nets}
+    train_loader, _val, test_loader, test = _loaders(args)
+    _compare(sources, args, test_loader, train_loader, len(test), Path(args.out) if args.out else None)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     reuse_freed_memory()  # training and simulation allocate the same large tensors again and again
-    handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "demo": cmd_demo}
+    handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "compare": cmd_compare, "demo": cmd_demo}
     try:
         handlers[args.command](args)
     except (data.DatasetNotFoundError, train.CheckpointError, ConversionError, ValueError, FileNotFoundError) as error:

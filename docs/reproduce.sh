@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The runs behind docs/reproduction.md. Each block trains the ReLU baseline and the Rate Norm
+# network (stage 1), tunes the thresholds with the Rate Inference Loss (stage 2), then converts
+# all four ways and simulates them side by side (`rnl-fast compare`: Table 2, results.json,
+# figures). Sizes are what two CPU cores finish in minutes; on a GPU add --device cuda and
+# drop the --train-images / --test-images limits.
+#
+#   bash docs/reproduce.sh mnist_cnn7 | mnist_alexnet | fashion_vgg16 | cifar10_vgg16 DIR
+set -euo pipefail
+run="${1:?which run: mnist_cnn7, mnist_alexnet, fashion_vgg16, cifar10_vgg16}"
+out="${OUT:-runs}/$run"
+mkdir -p "$out"
+
+pipeline() {  # model dataset epochs stage2_epochs T [data args...]
+  local model=$1 dataset=$2 epochs=$3 epochs2=$4 T=$5
+  shift 5
+  rnl-fast train --stage 1 --model "$model" --dataset "$dataset" --activation relu --epochs "$epochs" --out "$out/relu.pt" "$@"
+  rnl-fast train --stage 1 --model "$model" --dataset "$dataset" --activation rnl --epochs "$epochs" --out "$out/rnl.pt" "$@"
+  rnl-fast train --stage 2 --from "$out/rnl.pt" --dataset "$dataset" --epochs "$epochs2" --out "$out/rnl_ril.pt" "$@"
+  rnl-fast compare --relu "$out/relu.pt" --rnl "$out/rnl.pt" --rnl-ril "$out/rnl_ril.pt" --dataset "$dataset" -T "$T" --out "$out" "$@"
+}
+
+case "$run" in
+  mnist_cnn7) pipeline cnn7 mnist 4 2 256 --test-images 2000 ;;
+  mnist_alexnet) pipeline alexnet_mnist mnist 2 1 256 --test-images 500 ;;
+  fashion_vgg16) pipeline vgg16 fashion_mnist 2 1 128 --train-images 12000 --test-images 256 ;;
+  # Needs the CIFAR-10 python batches (cifar-10-python.tar.gz from the CIFAR site), extracted:
+  cifar10_vgg16) pipeline vgg16 cifar10 200 20 256 --data-dir "${2:?the directory with cifar-10-batches-py}" ;;
+  *) echo "unknown run: $run" >&2; exit 2 ;;
+esac
