@@ -191,16 +191,13 @@ class SpikingNetwork(nn.Module):
         dynamic: set[str] = set()
         modules = dict(self.graph_module.named_modules())
 
-        def per_step(name: str) -> Tensor:  # a static value repeated over the chunk's steps
-            value = values[name]
-            return value.unsqueeze(0).expand(steps, *value.shape).reshape(steps * B, *value.shape[1:])
-
-        def arg(a):
-            if isinstance(a, fx.Node):
-                return per_step(a.name) if any_dynamic and a.name not in dynamic else values[a.name]
-            if isinstance(a, (tuple, list)):
-                return type(a)(arg(b) for b in a)
-            return a
+        def load(a: fx.Node) -> Tensor:
+            # No closure here may refer to itself: a reference cycle would keep `values` (the
+            # chunk's activations, gigabytes) alive until Python's cyclic GC happened to run.
+            value = values[a.name]
+            if any_dynamic and a.name not in dynamic:  # a static value repeated over the steps
+                return value.unsqueeze(0).expand(steps, *value.shape).reshape(steps * B, *value.shape[1:])
+            return value
 
         for node in self.graph_module.graph.nodes:
             if node.op == "placeholder":
@@ -226,7 +223,7 @@ class SpikingNetwork(nn.Module):
                 values[node.name] = modules[node.target](current)
                 dynamic.add(node.name)
                 continue
-            args, kwargs = arg(node.args), {k: arg(v) for k, v in node.kwargs.items()}
+            args, kwargs = fx.node.map_arg(node.args, load), fx.node.map_arg(node.kwargs, load)
             if node.op == "call_module":
                 values[node.name] = modules[node.target](*args, **kwargs)
             elif node.op == "call_function":
