@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = commands.add_parser("demo", help="the whole pipeline on MNIST with cnn7: train, convert 4 ways, simulate, report")
     d.add_argument("--out", default="rnl_fast_demo", help="directory for results.json and the figures")
-    d.add_argument("--epochs", type=_positive_int, default=2, help="stage-1 epochs of each network (stage 2: the same)")
+    d.add_argument("--epochs", type=_positive_int, default=4, help="stage-1 epochs of each network")
+    d.add_argument("--stage2-epochs", type=_positive_int, default=3, help="stage-2 epochs (the thresholds)")
     d.add_argument("--lam", type=_non_negative_float, default=0.1, help="λ of the Rate Inference Loss (stage 2)")
     d.add_argument("-T", "--steps", dest="T", type=_positive_int, default=256)
     d.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (CI): small subsets, 1 epoch, T=32")
@@ -211,12 +212,13 @@ def cmd_evaluate(args) -> None:
 def cmd_demo(args) -> None:
     started = time.perf_counter()
     if args.tiny:
-        args.train_images, args.test_images, args.epochs, args.T = args.train_images or 3000, 200, 1, min(args.T, 32)
+        args.train_images, args.test_images, args.T = args.train_images or 3000, 200, min(args.T, 32)
+        args.epochs = args.stage2_epochs = 1
     args.model_name = "cnn7"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     train_loader, val_loader, test_loader, test = _loaders(args)
-    print(f"rnl-fast demo: cnn7 on {args.dataset} ({len(test)} test images), {args.epochs} epoch(s) per stage, T = {args.T}")
+    print(f"rnl-fast demo: cnn7 on {args.dataset} ({len(test)} test images), {args.epochs} + {args.stage2_epochs} epochs, T = {args.T}")
     common = dict(epochs=args.epochs, device=args.device, seed=args.seed, generator=args.generator, progress=True)
     nets = {}
     for activation in ("relu", "rnl"):
@@ -228,7 +230,8 @@ def cmd_demo(args) -> None:
     print(f"\n[stage 2] training the thresholds with the Rate Inference Loss (λ = {args.lam})")
     nets["rnl_ril"] = train.model_from_checkpoint(out / "rnl.pt", args.device)
     train.train_stage2(nets["rnl_ril"], train_loader, val_loader, lam=args.lam, checkpoint_path=out / "rnl_ril.pt",
-                       model_name="cnn7", model_kwargs=_model_kwargs("cnn7", "rnl", test), **common)  # fmt: skip
+                       model_name="cnn7", model_kwargs=_model_kwargs("cnn7", "rnl", test),
+                       **{**common, "epochs": args.stage2_epochs})  # fmt: skip
     sources = {"maxnorm": nets["relu"], "robustnorm": nets["relu"], "rnl": nets["rnl"], "rnl_ril": nets["rnl_ril"]}
     _compare(sources, args, test_loader, train_loader, len(test), out)
     print(f"demo finished in {time.perf_counter() - started:.0f} s")
