@@ -15,39 +15,19 @@ passed as float32 and lose precision in float64 kernels.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
 
+from ._autotune import block_configs, size_class
+
 #: Surrogate ids for the ``SURROGATE`` constexpr; names as in ``reference.SURROGATES``.
 SURROGATE_ATAN = tl.constexpr(0)
 SURROGATE_RECTANGLE = tl.constexpr(1)
 _SURROGATE_IDS = {"atan": 0, "rectangle": 1}
 _PI = tl.constexpr(math.pi)
-
-
-def _interpreting() -> bool:
-    """TRITON_INTERPRET=1 (read by Triton at import): kernels run on CPU tensors via numpy."""
-    knobs = getattr(triton, "knobs", None)  # Triton >= 3.4; older versions only read the variable
-    return bool(knobs.runtime.interpret) if knobs is not None else os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _block_configs() -> list[triton.Config]:
-    """Autotuning candidates; one small block under the interpreter, where every config runs on the CPU."""
-    if _interpreting():
-        return [triton.Config({"BLOCK": 128}, num_warps=4)]
-    return [
-        triton.Config({"BLOCK": block}, num_warps=warps)
-        for block, warps in ((256, 4), (512, 4), (1024, 4), (1024, 8), (2048, 8))
-    ]
-
-
-def _size_class(n: int) -> int:
-    """Autotune key: one bucket per factor of 16 in ``n``, so a new shape rarely triggers a retune."""
-    return n.bit_length() // 4
 
 
 @triton.jit
@@ -89,7 +69,7 @@ def _surrogate_grad(
     return grad
 
 
-@triton.autotune(configs=_block_configs(), key=["size_class"], reset_to_zero=["step_counts_ptr"])
+@triton.autotune(configs=block_configs(), key=["size_class"], reset_to_zero=["step_counts_ptr"])
 @triton.jit
 def _if_fwd_kernel(
     x_ptr,  # [T, N] input current, neuron stride 1, time stride x_time_stride; any float dtype
@@ -102,7 +82,7 @@ def _if_fwd_kernel(
     T,  # number of time steps
     N,  # number of neurons
     x_time_stride,  # elements between x[t] and x[t+1]: N, or 0 for an expanded constant input
-    size_class,  # autotune key only (see _size_class); unused by the kernel
+    size_class,  # autotune key only (see _autotune.size_class); unused by the kernel
     V_TH_PER_NEURON: tl.constexpr,  # v_th has N elements (else one for all neurons)
     V_INIT_PER_NEURON: tl.constexpr,  # v_init has N elements (else one for all neurons)
     HARD_RESET: tl.constexpr,  # hard reset to V_RESET instead of soft reset by subtraction
@@ -145,7 +125,7 @@ def _if_fwd_kernel(
     tl.store(neuron_counts_ptr + neurons, neuron_spike_count, mask=in_range)
 
 
-@triton.autotune(configs=_block_configs(), key=["size_class"])
+@triton.autotune(configs=block_configs(), key=["size_class"])
 @triton.jit
 def _if_bwd_kernel(
     grad_spikes_ptr,  # [T, N] contiguous gradient of the spikes (float dtype), if HAS_GRAD_SPIKES
@@ -159,7 +139,7 @@ def _if_bwd_kernel(
     T,  # number of time steps
     N,  # number of neurons
     x_time_stride,  # elements between x[t] and x[t+1]: N, or 0 for an expanded constant input
-    size_class,  # autotune key only (see _size_class); unused by the kernel
+    size_class,  # autotune key only (see _autotune.size_class); unused by the kernel
     HAS_GRAD_SPIKES: tl.constexpr,  # else the spikes' gradient is zero
     HAS_GRAD_V_FINAL: tl.constexpr,  # else the final membrane's gradient is zero
     V_TH_PER_NEURON: tl.constexpr,  # v_th has N elements (else one for all neurons)
@@ -289,7 +269,7 @@ def if_fwd(
         T,
         N,
         x.stride(0),
-        _size_class(N),
+        size_class(N),
         V_TH_PER_NEURON=v_th.numel() != 1,
         V_INIT_PER_NEURON=v_init.numel() != 1,
         HARD_RESET=hard_reset,
@@ -342,7 +322,7 @@ def if_bwd(
         T,
         N,
         x.stride(0),
-        _size_class(N),
+        size_class(N),
         HAS_GRAD_SPIKES=grad_spikes is not None,
         HAS_GRAD_V_FINAL=grad_v_final is not None,
         V_TH_PER_NEURON=v_th.numel() != 1,

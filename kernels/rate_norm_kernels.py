@@ -13,38 +13,18 @@ a Python scalar (a runtime float argument would be float32 even in float64 kerne
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
 
-
-def _interpreting() -> bool:
-    """TRITON_INTERPRET=1 (read by Triton at import): kernels run on CPU tensors via numpy."""
-    knobs = getattr(triton, "knobs", None)  # Triton >= 3.4; older versions only read the variable
-    return bool(knobs.runtime.interpret) if knobs is not None else os.environ.get("TRITON_INTERPRET") == "1"
+from ._autotune import block_configs, size_class
 
 
-def _block_configs() -> list[triton.Config]:
-    """Autotuning candidates; one small block under the interpreter, where every config runs on the CPU."""
-    if _interpreting():
-        return [triton.Config({"BLOCK": 128}, num_warps=4)]
-    return [
-        triton.Config({"BLOCK": block}, num_warps=warps)
-        for block, warps in ((256, 4), (512, 4), (1024, 4), (1024, 8), (2048, 8))
-    ]
-
-
-_CONFIGS = _block_configs()
+_CONFIGS = block_configs()
 #: The partial-sum buffers have a row for every program of the smallest block in _CONFIGS.
 _MIN_BLOCK = min(config.kwargs["BLOCK"] for config in _CONFIGS)
-
-
-def _size_class(n: int) -> int:
-    """Autotune key: one bucket per factor of 16 in ``n``, so a new shape rarely triggers a retune."""
-    return n.bit_length() // 4
 
 
 @triton.jit
@@ -89,7 +69,7 @@ def _rate_norm_max_kernel(
     x_ptr,  # [M] contiguous input, any float dtype
     batch_max_ptr,  # [1] float32, zero-filled: max over all x of relu(x), NaN counted as 0
     M,  # number of elements
-    size_class,  # autotune key only (see _size_class); unused by the kernel
+    size_class,  # autotune key only (see _autotune.size_class); unused by the kernel
     BLOCK: tl.constexpr,  # elements per program
 ):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -112,7 +92,7 @@ def _rate_norm_fwd_kernel(
     running_max_out_ptr,  # [] float32 out: the running max used for θ
     partials_ptr,  # [programs, 2] zero-filled, compute dtype: (Σr̂, Σr̂²) of each program's block
     M,  # number of elements
-    size_class,  # autotune key only (see _size_class); unused by the kernel
+    size_class,  # autotune key only (see _autotune.size_class); unused by the kernel
     TRAINING: tl.constexpr,  # update the running max with the batch max before using it
     KEEP: tl.constexpr,  # 1 − momentum, computed in Python double precision like the reference
     MOMENTUM: tl.constexpr,  # weight of the batch max in the running max update
@@ -150,7 +130,7 @@ def _rate_norm_bwd_kernel(
     grad_x_ptr,  # [M] out, x's dtype
     partials_ptr,  # [programs, 1] zero-filled, compute dtype: dL/draw_p of each program's block
     M,  # number of elements
-    size_class,  # autotune key only (see _size_class); unused by the kernel
+    size_class,  # autotune key only (see _autotune.size_class); unused by the kernel
     HAS_GRAD_R: tl.constexpr,  # else the gradient of r̂ is zero
     EPS: tl.constexpr,  # added to θ in the forward pass
     BLOCK: tl.constexpr,  # elements per program
@@ -223,7 +203,7 @@ def rate_norm_fwd(
     M = x.numel()
     if training:
         batch_max = torch.zeros(1, dtype=torch.float32, device=x.device)
-        _rate_norm_max_kernel[_grid(M)](x, batch_max, M, _size_class(M))
+        _rate_norm_max_kernel[_grid(M)](x, batch_max, M, size_class(M))
     else:
         batch_max = running_max  # placeholder pointer, never read
     partials = _partials(M, 2, sums.dtype, x.device)
@@ -236,7 +216,7 @@ def rate_norm_fwd(
         running_max_out,
         partials,
         M,
-        _size_class(M),
+        size_class(M),
         TRAINING=training,
         KEEP=1.0 - momentum,
         MOMENTUM=float(momentum),
@@ -277,7 +257,7 @@ def rate_norm_bwd(
         grad_x,
         partials,
         M,
-        _size_class(M),
+        size_class(M),
         HAS_GRAD_R=grad_r is not None,
         EPS=float(eps),
         enable_fp_fusion=False,  # the same θ and r̂ as the forward kernel

@@ -21,6 +21,7 @@ __all__ = [
     "IFSequence",
     "RateNorm",
     "backend_for",
+    "convert",
     "if_sequence",
     "omega",
     "rate_inference_loss",
