@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--epochs", type=_positive_int, default=4, help="stage-1 epochs of each network")
     d.add_argument("--stage2-epochs", type=_positive_int, default=3, help="stage-2 epochs (the thresholds)")
     d.add_argument("--lam", type=_non_negative_float, default=0.1, help="λ of the Rate Inference Loss (stage 2)")
+    d.add_argument("--tolerance", type=_non_negative_float, default=1.0, help="stage 2: validation accuracy points it may lose")
+    d.add_argument("--shared-p", action="store_true", help="stage 2: one p shared by all layers")
     d.add_argument("-T", "--steps", dest="T", type=_positive_int, default=256)
     d.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (CI): small subsets, 1 epoch, T=32")
     _add_data_arguments(d)
@@ -229,7 +231,8 @@ def cmd_demo(args) -> None:
                            model_name="cnn7", model_kwargs=kwargs, **common)  # fmt: skip
     print(f"\n[stage 2] training the thresholds with the Rate Inference Loss (λ = {args.lam})")
     nets["rnl_ril"] = train.model_from_checkpoint(out / "rnl.pt", args.device)
-    train.train_stage2(nets["rnl_ril"], train_loader, val_loader, lam=args.lam, checkpoint_path=out / "rnl_ril.pt",
+    train.train_stage2(nets["rnl_ril"], train_loader, val_loader, lam=args.lam, tolerance=args.tolerance,
+                       shared_p=args.shared_p, checkpoint_path=out / "rnl_ril.pt",
                        model_name="cnn7", model_kwargs=_model_kwargs("cnn7", "rnl", test),
                        **{**common, "epochs": args.stage2_epochs})  # fmt: skip
     sources = {"maxnorm": nets["relu"], "robustnorm": nets["relu"], "rnl": nets["rnl"], "rnl_ril": nets["rnl_ril"]}
