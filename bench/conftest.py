@@ -3,7 +3,9 @@
 ``pytest bench/ --benchmark-only`` (``RNL_FAST_BENCH_SCALE=small`` for a quick run). Each case is
 timed by pytest-benchmark's pedantic mode, so ``--benchmark-json`` holds the times, and the
 figures this file adds (bytes moved, GB/s, peak memory) are in each benchmark's ``extra_info``.
-At the end of the session one table per group gives the ratios measured side by side.
+At the end of the session one table per group gives the ratios measured side by side; the
+end-to-end groups add a summary (times as multiples of one ANN forward), the agreement of the
+outputs, and where ours spends its time (torch.profiler).
 """
 
 from __future__ import annotations
@@ -23,6 +25,13 @@ RESULTS = benchlib.Results()
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     return benchlib.environment_lines(SCALE)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The end-to-end benchmarks run last: on CPU, the simulator tunes glibc's allocator for the
+    whole process when it first runs (``rnl_fast.simulation.reuse_freed_memory``), which would
+    take the page faults out of the op benchmarks' fresh outputs (and out of ``clone``)."""
+    items.sort(key=lambda item: item.path.name == "test_bench_e2e.py")  # stable: the rest keep their order
 
 
 @pytest.fixture
@@ -52,10 +61,29 @@ def bench(benchmark: Any) -> Callable[[str, str, str], None]:
             bytes_moved=measurement.bytes_moved,
             gbps=measurement.gbps,
             peak_bytes=measurement.peak_bytes,
+            steps=measurement.steps or None,
+            chunk=measurement.chunk,
             thp=benchlib.thp_status() if device == "cpu" else None,
         )
 
     return run_case
+
+
+@pytest.fixture
+def bench_profile(benchmark: Any) -> Callable[[str, str], None]:
+    """``bench_profile(device, group)``: one call of ours under torch.profiler (after a warm-up);
+    the breakdown by op is printed at the end. Goes through ``benchmark`` so that
+    ``--benchmark-only`` runs it (its time there includes the profiler's overhead)."""
+
+    def run_profile(device: str, group: str) -> None:
+        benchmark.group = f"profile {group} [{device}]"
+        try:
+            lines = benchmark.pedantic(benchlib.profile_e2e, args=(group, device, SCALE), rounds=1, iterations=1)
+        except benchlib.Unavailable as reason:
+            pytest.skip(str(reason))
+        RESULTS.profiles[f"{group} [{device}]"] = lines
+
+    return run_profile
 
 
 @pytest.hookimpl(trylast=True)  # after pytest-benchmark's own tables, so that ours end the output
@@ -74,3 +102,14 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     write("peak MB: peak memory growth during one call (CPU: resident set; CUDA: max_memory_allocated).")
     for line in benchlib.group_tables(RESULTS.measurements, RESULTS.copy_gbps):
         write(line)
+    e2e = benchlib.e2e_summary(RESULTS.measurements)
+    if e2e:
+        write("")
+        write("## End to end: a converted network simulated over T steps, same images for every impl")
+        for line in e2e:
+            write(line)
+    for lines in RESULTS.profiles.values():
+        write("")
+        write("## Where the time goes (torch.profiler)")
+        for line in lines:
+            write(line)

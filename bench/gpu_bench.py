@@ -5,9 +5,12 @@
 
 Runs the cases of ``benchlib`` (the ones ``pytest bench/`` runs) with CUDA-event timing:
 IF at T = 32 and 16M neurons, Rate Norm at [128, 32, 28, 28], ours beside x.clone(), the eager
-reference, SpikingJelly 2.0's Triton backend and torch.compile of the reference. The compile
-cases come last and no baseline starts after ``--budget-s`` seconds, so the script fits its
-time slot; on SIGTERM (``timeout``) it stops and still prints the table of what it measured.
+reference, SpikingJelly 2.0's Triton backend and torch.compile of the reference; then end to end
+(cnn7 and vgg16 converted and simulated at batch 128, T = 16, 64, 256, beside one ANN forward
+and SpikingJelly's ann2snn conversion stepped T times; the chunked long run at T = 1024) and one
+profiled call of ours (cnn7, T = 64). The compile cases come last and no baseline starts after
+``--budget-s`` seconds, so the script fits its time slot; on SIGTERM (``timeout``) it stops and
+still prints the table of what it measured.
 
 stdout: one progress line per case, then the final table and the targets. ``--log-dir`` also
 receives gpu_bench.md (the per-group tables and the final table) and gpu_bench.json.
@@ -91,6 +94,23 @@ def run_cases(
         print(f"  {label}: {figure}  ({time.monotonic() - start:.0f} s)", flush=True)
 
 
+def profile_lines(device: str, scale: str, log: list[str]) -> list[str]:
+    """The breakdown by op of one call of ours end to end (``benchlib.profile_e2e``); a failure
+    is a line of the report (with its traceback in the log), not an error of the script."""
+    start = time.monotonic()
+    try:
+        lines = benchlib.profile_e2e(benchlib.E2E_PROFILE_GROUP, device, scale)
+    except _Stop:
+        raise
+    except Exception as error:
+        log += ["", f"ERROR in the profile of {benchlib.E2E_PROFILE_GROUP}:", "```", traceback.format_exc(), "```"]
+        lines = [f"profile of ours on {benchlib.E2E_PROFILE_GROUP} failed: {type(error).__name__}: {error}"[:200]]
+    finally:
+        _release(device)
+    print(f"  profile {benchlib.E2E_PROFILE_GROUP} [{device}] ours  ({time.monotonic() - start:.0f} s)", flush=True)
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cpu-dry-run", action="store_true", help="run the same code on CPU at tiny sizes")
@@ -109,15 +129,22 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(log[2:]), flush=True)
     copy_gbps: dict[str, float] = {}
     measurements: list[benchlib.Measurement] = []
+    profile: list[str] = []
     try:
         copy_gbps[device] = benchlib.copy_bandwidth_gbps(device, benchlib.copy_bytes_for(device, scale))
         print(f"copy bandwidth ({device}, copy_ of {benchlib.copy_bytes_for(device, scale) / 2**20:.0f} MiB, "
               f"read + write): {copy_gbps[device]:.1f} GB/s", flush=True)  # fmt: skip
         run_cases(device, scale, args.budget_s, measurements, log)
+        profile = profile_lines(device, scale, log)
     except _Stop:
         print("stopped by SIGTERM (time limit): reporting what was measured", flush=True)
 
     final = benchlib.summary_table(measurements, copy_gbps)
+    e2e = benchlib.e2e_summary(measurements)
+    if e2e:
+        final += ["", "End to end (a converted network simulated over T steps, same images for every impl):", *e2e]
+    if profile:
+        final += ["", "Where the time goes (torch.profiler):", *profile]
     log += ["", "## Per group", *benchlib.group_tables(measurements, copy_gbps), "", "## Summary", "", *final]
     print("\n" + "\n".join(final), flush=True)
     if args.log_dir:

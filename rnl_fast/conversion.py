@@ -230,4 +230,35 @@ def convert(
                 spike_weights[node.target] = 1.0
             else:
                 thresholds[node.target] = spike_weights[node.target] = scales[node.target]
+                if _fold_spike_weight(gm, node, scales[node.target]):
+                    spike_weights[node.target] = 1.0
     return SpikingNetwork(gm, thresholds, spike_weights, method=method, spike_dtype=spike_dtype)
+
+
+#: Modules through which a factor on the input comes out unchanged on the output (linear, no bias).
+_SCALE_COMMUTING = (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Identity)
+
+
+def _fold_spike_weight(gm: fx.GraphModule, neuron: fx.Node, weight: float) -> bool:
+    """Move a spike weight λ into the weights of the conv/linear layers the spikes reach
+    through pooling and reshapes only (Theorem 1's ``W_SNN = W_ANN·λ``), so that the simulator
+    does not multiply every spike tensor by λ. Returns False, changing nothing, when any path
+    meets something else (a residual addition, a BatchNorm, the output)."""
+    modules = dict(gm.named_modules())
+    consumers: list[nn.Module] = []
+    frontier = list(neuron.users)
+    while frontier:
+        node = frontier.pop()
+        if node.op == "call_module" and isinstance(modules[node.target], (nn.Conv2d, nn.Linear)):
+            consumers.append(modules[node.target])
+        elif (node.op == "call_module" and isinstance(modules[node.target], _SCALE_COMMUTING)) or (
+            node.op in ("call_function", "call_method")
+            and getattr(node.target, "__name__", node.target) in ("flatten", "view", "reshape")
+        ):
+            frontier.extend(node.users)
+        else:
+            return False
+    with torch.no_grad():
+        for module in consumers:
+            module.weight.mul_(weight)
+    return bool(consumers)

@@ -27,8 +27,10 @@ from .nn import IFSequence
 
 #: Bounds on the largest activation of one chunk, in bytes; between them the simulator takes an
 #: eighth of the memory available on the device (a chunk holds a few such tensors at once).
-MIN_CHUNK_BYTES = 64 * 2**20
-MAX_CHUNK_BYTES = 1024 * 2**20
+#: Larger chunks gain little once a chunk's convolutions see thousands of images (cnn7, batch
+#: 128: 10 steps per chunk), and memory then stays flat in T.
+MIN_CHUNK_BYTES = 16 * 2**20
+MAX_CHUNK_BYTES = 128 * 2**20
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
@@ -102,6 +104,29 @@ class SpikingNeurons(nn.Module):
         return f"threshold={self.neurons.v_threshold:.4g}, spike_weight={self.spike_weight:.4g}"
 
 
+class AvgPool2x2(nn.Module):
+    """``nn.AvgPool2d(2)`` as four strided adds: on CPU NCHW tensors ~1.5× faster than
+    ``avg_pool2d`` (measured on [8192, 32, 28, 28] spikes: 88 ms against 132 ms). Exact on
+    spikes (sums of at most four 0/1 values); on other values it may differ in the last bit."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu":
+            return nn.functional.avg_pool2d(x, 2)
+        x = x[..., : x.shape[-2] // 2 * 2, : x.shape[-1] // 2 * 2]
+        return (x[..., 0::2, 0::2] + x[..., 1::2, 0::2] + x[..., 0::2, 1::2] + x[..., 1::2, 1::2]).mul_(0.25)
+
+
+def _is_plain_2x2_pool(m: nn.Module) -> bool:
+    return (
+        isinstance(m, nn.AvgPool2d)
+        and m.kernel_size in (2, (2, 2))
+        and m.stride in (2, (2, 2))
+        and m.padding in (0, (0, 0))
+        and not m.ceil_mode
+        and m.divisor_override is None
+    )
+
+
 class SpikingNetwork(nn.Module):
     """A converted SNN (made by :func:`rnl_fast.convert`).
 
@@ -125,6 +150,9 @@ class SpikingNetwork(nn.Module):
         super().__init__()
         for name, threshold in thresholds.items():
             _replace(graph_module, name, SpikingNeurons(threshold, spike_weights[name], spike_dtype))
+        for name, m in list(graph_module.named_modules()):
+            if _is_plain_2x2_pool(m):
+                _replace(graph_module, name, AvgPool2x2())
         self.graph_module = graph_module
         self.method = method
         self.neuron_names = list(thresholds)

@@ -90,9 +90,31 @@ def test_threshold_balancing_baselines(method):
     snn = convert(model, method, calibration=calibration)
     scales = conv.activation_scales(model, calibration, method)
     for name, layer in snn.neuron_layers.items():
-        assert layer.neurons.v_threshold == pytest.approx(scales[name]) == pytest.approx(layer.spike_weight)
+        assert layer.neurons.v_threshold == pytest.approx(scales[name])
+        # λ rides on the spikes (Theorem 1's W·λ), folded into the next conv/linear where only
+        # pooling and reshapes lie between: everywhere in cnn7.
+        assert layer.spike_weight == 1.0
     x = calibration[0][0][:4]
     torch.testing.assert_close(snn(x, 600)[-1], model(x), rtol=0.1, atol=0.1)  # MaxNorm converges, slowly
+
+
+def test_spike_weight_folds_into_the_next_weights_only_through_linear_paths():
+    model = _warm_up(models.cnn7("relu"))
+    calibration = [(torch.rand(16, 1, 28, 28), torch.zeros(16))]
+    snn = convert(model, "maxnorm", calibration=calibration)
+    scales = conv.activation_scales(model, calibration, "maxnorm")
+    folded_conv = snn.graph_module.get_submodule("4")  # conv after neurons '2' and the pool '3'
+    bn = model[5]
+    bn_scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    expected = model[4].weight * bn_scale.view(-1, 1, 1, 1) * scales["2"]
+    torch.testing.assert_close(folded_conv.weight, expected.detach(), rtol=1e-5, atol=1e-6)
+    # Spikes that reach the output (or an addition, a BN) directly keep their weight.
+    relu_out = nn.Sequential(nn.Linear(3, 4), nn.ReLU()).eval()
+    x = torch.randn(8, 3)
+    snn = convert(relu_out, "maxnorm", calibration=[(x, None)])
+    (layer,) = snn.neuron_layers.values()
+    assert layer.spike_weight == pytest.approx(conv.activation_scales(relu_out, [(x, None)], "maxnorm")["1"])
+    torch.testing.assert_close(snn(x, 2000)[-1], relu_out(x), rtol=0.02, atol=0.02)
 
 
 def test_max_scale_is_the_calibration_max():
