@@ -52,9 +52,13 @@ RateSums rate_norm_forward(const In* x, int64_t M, Acc theta, In* r, int num_thr
   return {sum_r, sum_r2};
 }
 
-template <typename In, typename Acc>
-double rate_norm_backward(const In* grad_r, Acc grad_sum_r, Acc grad_sum_r2, const In* x,
-                          int64_t M, Acc theta, In* grad_x, int num_threads) {
+namespace {
+
+// HAS_GRAD_R is a template argument so that the loop carries no null check on grad_r. (With
+// -ftrapping-math GCC left this loop scalar: 8.4 ms instead of 0.8 ms for 3.2M fp32; setup.py.)
+template <bool HAS_GRAD_R, typename In, typename Acc>
+double backward_pass(const In* __restrict grad_r, Acc grad_sum_r, Acc grad_sum_r2, const In* __restrict x,
+                     int64_t M, Acc theta, In* __restrict grad_x, int num_threads) {
   double grad_theta = 0.0;
 #pragma omp parallel num_threads(num_threads) if (M >= kParallelMinWork)
   {
@@ -62,15 +66,15 @@ double rate_norm_backward(const In* grad_r, Acc grad_sum_r, Acc grad_sum_r2, con
     double mine = 0.0;
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < (M + kChunk - 1) / kChunk; ++c) {
-      const int64_t end = std::min(M, (c + 1) * kChunk);
+      const int64_t begin = c * kChunk, end = std::min(M, (c + 1) * kChunk);
       Acc chunk = 0;
 #pragma omp simd reduction(+ : chunk)
-      for (int64_t i = c * kChunk; i < end; ++i) {
+      for (int64_t i = begin; i < end; ++i) {
         const Acc v = load<Acc>(x + i);
         const bool inside = v >= Acc(0) && v <= theta;  // inclusive, like torch.clamp's backward
         const Acc rate = v < Acc(0) ? Acc(0) : (v > theta ? Acc(1) : v / theta);
-        const Acc g = (grad_r ? load<Acc>(grad_r + i) : Acc(0)) + grad_sum_r +
-                      Acc(2) * rate * grad_sum_r2;
+        const Acc upstream = HAS_GRAD_R ? load<Acc>(grad_r + i) : Acc(0);
+        const Acc g = upstream + grad_sum_r + Acc(2) * rate * grad_sum_r2;
         store(grad_x + i, inside ? g / theta : Acc(0));
         chunk += inside ? -g * rate / theta : Acc(0);
       }
@@ -80,6 +84,15 @@ double rate_norm_backward(const In* grad_r, Acc grad_sum_r, Acc grad_sum_r2, con
     grad_theta += mine;
   }
   return grad_theta;
+}
+
+}  // namespace
+
+template <typename In, typename Acc>
+double rate_norm_backward(const In* grad_r, Acc grad_sum_r, Acc grad_sum_r2, const In* x,
+                          int64_t M, Acc theta, In* grad_x, int num_threads) {
+  return grad_r ? backward_pass<true>(grad_r, grad_sum_r, grad_sum_r2, x, M, theta, grad_x, num_threads)
+                : backward_pass<false>(grad_r, grad_sum_r, grad_sum_r2, x, M, theta, grad_x, num_threads);
 }
 
 #define RNL_FAST_RATE_NORM_TYPES(In, Acc)                                                    \
