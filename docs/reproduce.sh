@@ -22,7 +22,7 @@ pipeline() {  # model dataset epochs stage2_epochs T [data args...]
 
 case "$run" in
   mnist_cnn7) pipeline cnn7 mnist 4 2 256 --test-images 2000 ;;
-  mnist_alexnet) pipeline alexnet_mnist mnist 2 1 256 --test-images 500 ;;
+  mnist_alexnet) pipeline alexnet_mnist mnist 1 1 256 --test-images 500 ;;
   fashion_vgg16) pipeline vgg16 fashion_mnist 2 1 128 --train-images 12000 --test-images 256 ;;
   # Needs the CIFAR-10 python batches (cifar-10-python.tar.gz from the CIFAR site), extracted:
   cifar10_vgg16) pipeline vgg16 cifar10 200 20 256 --data-dir "${2:?the directory with cifar-10-batches-py}" ;;

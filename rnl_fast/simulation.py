@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, fx, nn
 from tqdm.auto import tqdm
 
-from .nn import IFSequence
+from .nn import IFSequence, RateNorm
 
 #: Bounds on the largest activation of one chunk, in bytes; between them the simulator takes an
 #: eighth of the memory available on the device (a chunk holds a few such tensors at once).
@@ -400,7 +400,9 @@ def _target_rates(ann: nn.Module, x: Tensor, layers: dict[str, SpikingNeurons]) 
     if missing:
         raise ValueError(f"the ANN given for the K curves has no activations named {sorted(missing)}")
     return {
-        name: (raw[name] / layer.neurons.v_threshold).clamp(0, 1) if layer.spike_weight != 1.0 else raw[name]
+        name: raw[name]
+        if isinstance(ann.get_submodule(name), RateNorm)
+        else (raw[name] / layer.neurons.v_threshold).clamp(0, 1)
         for name, layer in layers.items()
     }
 

@@ -96,6 +96,9 @@ def test_threshold_balancing_baselines(method):
         assert layer.spike_weight == 1.0
     x = calibration[0][0][:4]
     torch.testing.assert_close(snn(x, 600)[-1], model(x), rtol=0.1, atol=0.1)  # MaxNorm converges, slowly
+    # The K curves compare with the balanced rates clip(a/λ, 0, 1) (whether or not λ was folded).
+    result = simulate(snn, [(x, torch.zeros(4, dtype=torch.long))], T=300, ann=model, progress=False)
+    assert all(curve[-1] < 0.05 for curve in result.k_curves.values()), result.k_curves
 
 
 def test_spike_weight_folds_into_the_next_weights_only_through_linear_paths():
