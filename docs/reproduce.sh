@@ -5,9 +5,9 @@
 # figures). Sizes are what two CPU cores finish in minutes; on a GPU add --device cuda and
 # drop the --train-images / --test-images limits.
 #
-#   bash docs/reproduce.sh mnist_cnn7 | mnist_alexnet | fashion_vgg16 | cifar10_vgg16 DIR
+#   bash docs/reproduce.sh mnist_cnn7 | mnist_alexnet | fashion_alexnet | fashion_vgg16 | cifar10_vgg16 DIR
 set -euo pipefail
-run="${1:?which run: mnist_cnn7, mnist_alexnet, fashion_vgg16, cifar10_vgg16}"
+run="${1:?which run: mnist_cnn7, mnist_alexnet, fashion_alexnet, fashion_vgg16, cifar10_vgg16}"
 out="${OUT:-runs}/$run"
 mkdir -p "$out"
 
@@ -23,6 +23,7 @@ pipeline() {  # model dataset epochs stage2_epochs T [data args...]
 case "$run" in
   mnist_cnn7) pipeline cnn7 mnist 4 2 256 --test-images 2000 ;;
   mnist_alexnet) pipeline alexnet_mnist mnist 1 1 256 --test-images 500 ;;
+  fashion_alexnet) pipeline alexnet_mnist fashion_mnist 2 1 256 --test-images 500 ;;
   fashion_vgg16) pipeline vgg16 fashion_mnist 2 1 128 --train-images 12000 --test-images 256 ;;
   # Needs the CIFAR-10 python batches (cifar-10-python.tar.gz from the CIFAR site), extracted:
   cifar10_vgg16) pipeline vgg16 cifar10 200 20 256 --data-dir "${2:?the directory with cifar-10-batches-py}" ;;
