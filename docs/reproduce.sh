@@ -11,9 +11,10 @@ run="${1:?which run: mnist_cnn7, mnist_alexnet, fashion_alexnet, fashion_vgg16, 
 out="${OUT:-runs}/$run"
 mkdir -p "$out"
 
-pipeline() {  # model dataset epochs stage2_epochs T [data args...]
+pipeline() {  # model dataset epochs stage2_epochs T [data args...]; DEVICE=cuda for a GPU
   local model=$1 dataset=$2 epochs=$3 epochs2=$4 T=$5
   shift 5
+  set -- "$@" --device "${DEVICE:-cpu}"
   rnl-fast train --stage 1 --model "$model" --dataset "$dataset" --activation relu --epochs "$epochs" --out "$out/relu.pt" "$@"
   rnl-fast train --stage 1 --model "$model" --dataset "$dataset" --activation rnl --epochs "$epochs" --out "$out/rnl.pt" "$@"
   rnl-fast train --stage 2 --from "$out/rnl.pt" --dataset "$dataset" --epochs "$epochs2" --out "$out/rnl_ril.pt" "$@"
