@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -118,3 +119,22 @@ def test_cpp_entry_points_check_sizes_before_touching_memory():
             call(**bad)
     with pytest.raises(ValueError, match="r must hold"):
         _C.rate_norm_forward(x.data_ptr(), 32, 0, 1.0, small.data_ptr(), 3, 1)
+
+
+def test_import_and_cpu_path_without_triton():
+    """triton is optional: rnl_fast imports and runs on CPU without it, and asking for the
+    Triton backend then says what to install."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import os, torch, rnl_fast\n"
+        "assert rnl_fast.if_sequence(torch.rand(4, 3)).spikes.shape == (4, 3)\n"
+        "os.environ['RNL_FAST_BACKEND'] = 'triton'\n"
+        "try:\n    rnl_fast.if_sequence(torch.rand(4, 3))\nexcept RuntimeError as e:\n    print(e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RNL_FAST_BACKEND", "TRITON_INTERPRET")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "needs triton" in out.stdout
