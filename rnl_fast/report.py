@@ -7,7 +7,7 @@ power per step (Fig. 6–7), and ``results.json``.
      "methods": {NAME: {"ann_accuracy": percent, "snn_accuracy": [percent after step 1..T],
                         "spikes_per_step": [mean spikes per image at each step],
                         "omega": mean Ω of the ANN's activations (rates r̂),
-                        "k_curves": {layer: [K(t) for t = 1..T]},
+                        "k_curves": {layer: [K(t) for t = 1..T]}, "k_images": images K is over,
                         "steps_to_target": t or null, "energy_to_target": joules per image or null,
                         "target_accuracy": ANN accuracy − 1 point}}}
 
@@ -40,6 +40,7 @@ class MethodResult:
     spikes_per_step: list[float]
     omega: float
     k_curves: dict[str, list[float]] = field(default_factory=dict)
+    k_images: int = 0
     target_accuracy: float = 0.0
     steps_to_target: int | None = None
     energy_to_target: float | None = None
@@ -54,6 +55,7 @@ class MethodResult:
             spikes_per_step=sim.spikes_per_step,
             omega=omega,
             k_curves=sim.k_curves,
+            k_images=sim.k_images,
             target_accuracy=target,
             steps_to_target=reached.steps,
             energy_to_target=reached.energy,
@@ -151,7 +153,8 @@ def plot_k_curves(methods: dict[str, MethodResult], path: str | Path, title: str
         ax.grid(alpha=0.3, which="both")
     axes[0][0].set_ylabel("K(t) = ‖r(t) − r̂‖² / ‖r̂‖²")
     axes[0][-1].legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    k_images = max(r.k_images for r in with_k.values())
+    fig.suptitle(f"{title}; K over the first {k_images} images", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
