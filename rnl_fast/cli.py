@@ -141,6 +141,10 @@ def _loaders(args, train_split: bool = True):
     if args.train_images:
         full = data.subset(full, min(args.train_images, len(full)), seed=args.seed)
     train_set, val_set = data.train_val_split(full, VAL_FRACTION, seed=args.seed)
+    rank, world_size = getattr(args, "rank", 0), getattr(args, "world_size", 1)
+    if world_size > 1:  # under torchrun: each rank trains on its own share
+        train_set = train.shard(train_set, rank, world_size)
+        args.generator.manual_seed(args.seed + rank)
     augment = args.dataset.startswith("cifar")
     train_loader = data.make_loader(train_set, args.batch_size, shuffle=True, augment=augment, generator=generator)
     val_loader = data.make_loader(val_set, args.batch_size, shuffle=False)
@@ -172,8 +176,21 @@ def _write_report(out: Path, args, T: int, images: int, results: dict[str, repor
 
 
 def cmd_train(args) -> None:
+    """Stage 1 or 2. Under ``torchrun --nproc_per_node=N -m rnl_fast.cli train ...`` every rank
+    trains its share of the data with DDP (gloo on CPU, nccl on GPU; rnl_fast.train)."""
+    args.rank, args.world_size, device = train.setup_distributed()
+    if args.world_size > 1:
+        args.device = device
+    try:
+        _train(args)
+    finally:
+        train.cleanup_distributed()
+
+
+def _train(args) -> None:
     train_loader, val_loader, _test_loader, test = _loaders(args)
-    common = dict(device=args.device, seed=args.seed, generator=args.generator, checkpoint_path=args.out, resume=args.resume)
+    common = dict(device=args.device, seed=args.seed, generator=args.generator, checkpoint_path=args.out,
+                  resume=args.resume, progress=args.rank == 0)  # fmt: skip
     if args.stage == 1:
         kwargs = _model_kwargs(args.model, args.activation, test)
         model = models.build_model(args.model, **kwargs)
@@ -192,7 +209,8 @@ def cmd_train(args) -> None:
             shared_p=args.shared_p, lr=args.lr or 0.01, model_name=source.get("model_name"), model_kwargs=kwargs, **common,
         )  # fmt: skip
     last = history[-1] if history else {}
-    print(json.dumps({"checkpoint": args.out, "last_epoch": last}, default=float))
+    if args.rank == 0:
+        print(json.dumps({"checkpoint": args.out, "last_epoch": last}, default=float))
 
 
 def cmd_evaluate(args) -> None:

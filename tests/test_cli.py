@@ -76,3 +76,31 @@ def test_demo_tiny(capsys, tmp_path):
         assert method["k_curves"], name
     for figure in ("accuracy_vs_T.png", "k_curves.png", "power_per_step.png"):
         assert (tmp_path / figure).stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_train_under_torchrun(tmp_path):
+    """`torchrun --nproc_per_node=2 -m rnl_fast.cli train` trains with DDP and writes one checkpoint."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not on PATH")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ckpt = tmp_path / "ddp.pt"
+    cmd = [torchrun, "--nproc_per_node=2", f"--master_port={port}", "--master_addr=127.0.0.1", "-m", "rnl_fast.cli",
+           "train", "--dataset", "synthetic", "--train-images", "640", "--test-images", "64", "--batch-size", "32",
+           "--epochs", "1", "--out", str(ckpt)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count('"checkpoint"') == 1  # rank 0 reports, rank 1 stays quiet
+    from rnl_fast import train
+
+    state = train.load_checkpoint(ckpt)
+    assert state["epoch"] == 1 and state["model_name"] == "cnn7"
