@@ -2,7 +2,7 @@
 
     rnl-fast train --stage 1 --model cnn7 --dataset mnist --epochs 4 --out runs/rnl.pt
     rnl-fast train --stage 1 --activation relu --out runs/relu.pt
-    rnl-fast train --stage 2 --from runs/rnl.pt --lam 0.5 --out runs/rnl_ril.pt
+    rnl-fast train --stage 2 --from runs/rnl.pt --lam 0.1 --tolerance 1 --out runs/rnl_ril.pt
     rnl-fast evaluate --checkpoint runs/rnl_ril.pt --method rnl_ril -T 256
     rnl-fast compare --relu runs/relu.pt --rnl runs/rnl.pt --rnl-ril runs/rnl_ril.pt -T 256 --out runs/table
     rnl-fast demo --out demo_out
