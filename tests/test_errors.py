@@ -121,7 +121,7 @@ def test_cpp_entry_points_check_sizes_before_touching_memory():
         _C.rate_norm_forward(x.data_ptr(), 32, 0, 1.0, small.data_ptr(), 3, 1)
 
 
-def test_import_and_cpu_path_without_triton():
+def test_import_and_cpu_path_without_triton(tmp_path):
     """triton is optional: rnl_fast imports and runs on CPU without it, and asking for the
     Triton backend then says what to install."""
     import subprocess
@@ -135,6 +135,7 @@ def test_import_and_cpu_path_without_triton():
         "try:\n    rnl_fast.if_sequence(torch.rand(4, 3))\nexcept RuntimeError as e:\n    print(e)\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("RNL_FAST_BACKEND", "TRITON_INTERPRET")}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    # cwd away from the source tree: `python -c` puts the cwd first on sys.path.
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "needs triton" in out.stdout
