@@ -374,7 +374,7 @@ def _rate_norm_forward(
     running_max_out = running_max.detach().to(torch.float32).clone()
     if training:  # CPU tensors: reading the max on the host costs no device synchronisation
         batch_max = C.relu_max(x1.data_ptr(), x1.numel(), _code(x.dtype), _threads())
-        running_max_out = (1.0 - momentum) * running_max_out + momentum * batch_max
+        running_max_out = reference.blend_running_max(running_max_out, torch.tensor(batch_max), momentum)
     theta = reference.rate_norm_threshold(raw_p.detach(), running_max_out, cdt)
     sum_r, sum_r2 = C.rate_norm_forward(
         x1.data_ptr(), x1.numel(), _code(x.dtype), float(theta), r.data_ptr(), r.numel(), _threads()

@@ -125,7 +125,12 @@ def running_max_update(x: Tensor, running_max: Tensor, momentum: float) -> Tenso
     """
     x = x.detach()
     batch_max = torch.where(torch.isnan(x), 0.0, x).clamp_min(0).amax().to(running_max.dtype)
-    return (1.0 - momentum) * running_max + momentum * batch_max
+    return blend_running_max(running_max, batch_max, momentum)
+
+
+def blend_running_max(running_max: Tensor, batch_max: Tensor, momentum: float) -> Tensor:
+    """``(1 − momentum)·running_max + momentum·batch_max`` in the running max's dtype (``[]``)."""
+    return (1.0 - momentum) * running_max + momentum * batch_max.to(running_max.dtype)
 
 
 def rate_norm(
