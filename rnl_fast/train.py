@@ -151,6 +151,9 @@ def setup_distributed(backend: str | None = None) -> tuple[int, int, torch.devic
 def cleanup_distributed() -> None:
     """Leave the process group, if this process is in one."""
     if dist.is_available() and dist.is_initialized():
+        # Every rank reaches this point before any tears its connections down: a rank that
+        # destroys the group while a peer still talks to it can make gloo abort that peer.
+        dist.barrier()
         dist.destroy_process_group()
 
 
