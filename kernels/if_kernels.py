@@ -54,6 +54,30 @@ def _if_step(
 
 
 @triton.jit
+def _load_neuron_state(
+    v_th_ptr,  # [N] or [] threshold
+    v_init_ptr,  # [N] or [] initial membrane
+    neurons,  # [BLOCK] neuron indices of this program
+    in_range,  # [BLOCK] neurons < N
+    compute_dtype: tl.constexpr,  # dtype of the membrane
+    V_TH_PER_NEURON: tl.constexpr,  # v_th has N elements (else one for all neurons)
+    V_INIT_PER_NEURON: tl.constexpr,  # v_init has N elements (else one for all neurons)
+    BLOCK: tl.constexpr,  # neurons per program
+):
+    """The block's thresholds and initial membrane (both kernels start from the same state)."""
+    if V_TH_PER_NEURON:
+        v_th = tl.load(v_th_ptr + neurons, mask=in_range, other=1.0)
+    else:
+        v_th = tl.load(v_th_ptr)
+    if V_INIT_PER_NEURON:
+        v = tl.load(v_init_ptr + neurons, mask=in_range, other=0.0)
+    else:
+        # The membrane is a loop-carried [BLOCK] tensor, so a scalar v_init must be broadcast.
+        v = tl.zeros([BLOCK], dtype=compute_dtype) + tl.load(v_init_ptr)
+    return v_th, v
+
+
+@triton.jit
 def _surrogate_grad(
     u,  # [BLOCK] m − v_th, compute dtype
     SURROGATE: tl.constexpr,  # SURROGATE_ATAN or SURROGATE_RECTANGLE
@@ -93,15 +117,9 @@ def _if_fwd_kernel(
     neurons = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     in_range = neurons < N
 
-    if V_TH_PER_NEURON:
-        v_th = tl.load(v_th_ptr + neurons, mask=in_range, other=1.0)
-    else:
-        v_th = tl.load(v_th_ptr)
-    if V_INIT_PER_NEURON:
-        v = tl.load(v_init_ptr + neurons, mask=in_range, other=0.0)
-    else:
-        # The membrane is a loop-carried [BLOCK] tensor, so a scalar v_init must be broadcast.
-        v = tl.zeros([BLOCK], dtype=compute_dtype) + tl.load(v_init_ptr)
+    v_th, v = _load_neuron_state(
+        v_th_ptr, v_init_ptr, neurons, in_range, compute_dtype, V_TH_PER_NEURON, V_INIT_PER_NEURON, BLOCK
+    )
     neuron_spike_count = tl.zeros([BLOCK], dtype=tl.int32)
 
     # Pointers advance by one row per step instead of computing t·stride, which could overflow
@@ -155,14 +173,9 @@ def _if_bwd_kernel(
     neurons = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     in_range = neurons < N
 
-    if V_TH_PER_NEURON:
-        v_th = tl.load(v_th_ptr + neurons, mask=in_range, other=1.0)
-    else:
-        v_th = tl.load(v_th_ptr)
-    if V_INIT_PER_NEURON:
-        v = tl.load(v_init_ptr + neurons, mask=in_range, other=0.0)
-    else:
-        v = tl.zeros([BLOCK], dtype=compute_dtype) + tl.load(v_init_ptr)
+    v_th, v = _load_neuron_state(
+        v_th_ptr, v_init_ptr, neurons, in_range, compute_dtype, V_TH_PER_NEURON, V_INIT_PER_NEURON, BLOCK
+    )
 
     # Pass 1, forward in time: recompute the membrane (same _if_step as the forward kernel, so the
     # same values) and keep m_t, which is all the reverse sweep needs.
