@@ -155,6 +155,7 @@ class SpikingNetwork(nn.Module):
                 _replace(graph_module, name, AvgPool2x2())
         self.graph_module = graph_module
         self.method = method
+        self._activation_bytes_per_image: dict[tuple[int, ...], int] = {}
         self.neuron_names = list(thresholds)
 
     @property
@@ -198,17 +199,18 @@ class SpikingNetwork(nn.Module):
         return max(1, min(T, budget_bytes // max(per_step, 1)))
 
     def _largest_activation_bytes(self, x: Tensor) -> int:
-        largest = 0
-        with torch.no_grad():
+        """Bytes of the largest activation of one step for the batch ``x``. The per-image figure
+        comes from one shape-propagation pass per image shape, cached: simulate() asks per batch."""
+        key = tuple(x.shape[1:])
+        if key not in self._activation_bytes_per_image:
             from torch.fx.passes.shape_prop import ShapeProp
 
             gm = _ann_view(self.graph_module)
-            ShapeProp(gm).propagate(x[:1])
-            for node in gm.graph.nodes:
-                meta = node.meta.get("tensor_meta")
-                if meta is not None and hasattr(meta, "shape"):
-                    largest = max(largest, math.prod(meta.shape) * 4)
-        return largest * x.shape[0]
+            with torch.no_grad():
+                ShapeProp(gm).propagate(x[:1])
+            shapes = [node.meta["tensor_meta"].shape for node in gm.graph.nodes if hasattr(node.meta.get("tensor_meta"), "shape")]
+            self._activation_bytes_per_image[key] = max((math.prod(shape) * 4 for shape in shapes), default=0)
+        return self._activation_bytes_per_image[key] * x.shape[0]
 
     def _run_graph(self, x: Tensor, steps: int, static: dict[str, Tensor]) -> Tensor:
         """One chunk of ``steps`` steps. Values that depend only on the image ("static": the
