@@ -159,7 +159,7 @@ void py_if_backward(uintptr_t grad_spikes, int64_t grad_spikes_len, uintptr_t gr
   }
 }
 
-// Dispatches a rate-norm entry point on the input dtype; Acc is double for float64, else float.
+// Dispatches an entry point on the input dtype; Acc is double for float64, else float.
 template <typename Fn>
 auto by_dtype(int dtype, Fn&& fn) {
   switch (static_cast<DType>(dtype)) {
@@ -174,6 +174,39 @@ auto by_dtype(int dtype, Fn&& fn) {
     default:
       throw std::invalid_argument("rnl_fast._C: x must be float32, float64, float16 or bfloat16");
   }
+}
+
+void py_if_forward_pool2x2(uintptr_t x, int64_t x_len, int dtype, int64_t T, int64_t N,
+                           int64_t t_stride, int64_t planes, int64_t H, int64_t W, bool ceil_mode,
+                           uintptr_t v_th, int64_t v_th_len, uintptr_t v_init, int64_t v_init_len,
+                           double v_reset, int reset, double scale, uintptr_t pooled,
+                           int64_t pooled_len, uintptr_t v_final, int64_t v_final_len,
+                           uintptr_t step_counts, int64_t step_counts_len, uintptr_t neuron_counts,
+                           int64_t neuron_counts_len, int num_threads) {
+  const IFShape shape{T, N, t_stride};
+  const PoolShape pool{planes, H, W, ceil_mode};
+  check_if_shape(shape, x_len);
+  require(planes >= 1 && H >= 1 && W >= 1 && planes * H * W == N,
+          "the planes must tile the neurons: planes*H*W == N");
+  require(pool.out_h() >= 1 && pool.out_w() >= 1, "the planes are too small for a 2x2 window");
+  require(pooled && pooled_len >= T * planes * pool.out_h() * pool.out_w(),
+          "pooled must hold T*planes*out_h*out_w elements");
+  require(v_final_len >= N && neuron_counts_len >= N, "v_final and neuron_counts need N elements");
+  require(step_counts_len >= T, "step_counts needs T elements");
+  require(x && v_final && step_counts && neuron_counts, "null pointer");
+  require(reset == 0 || reset == 1, "reset must be 0 (soft) or 1 (hard)");
+  by_dtype(dtype, [&](auto* tag, auto acc) {
+    using In = std::remove_pointer_t<decltype(tag)>;
+    using Acc = decltype(acc);
+    const auto th = neuron_param<Acc>(v_th, v_th_len, N, "v_th");
+    const auto v0 = neuron_param<Acc>(v_init, v_init_len, N, "v_init");
+    py::gil_scoped_release release;
+    if_forward_pool2x2<In, Acc>(as_ptr<const In>(x), shape, pool, th, v0, static_cast<Acc>(v_reset),
+                                static_cast<Reset>(reset), static_cast<Acc>(scale), as_ptr<In>(pooled),
+                                as_ptr<Acc>(v_final), as_ptr<int64_t>(step_counts),
+                                as_ptr<int32_t>(neuron_counts), num_threads);
+    return 0;
+  });
 }
 
 double py_relu_max(uintptr_t x, int64_t M, int dtype, int num_threads) {
@@ -222,6 +255,7 @@ double py_rate_norm_backward(uintptr_t grad_r, int64_t grad_r_len, double grad_s
 PYBIND11_MODULE(_C, m) {
   m.doc() = "rnl_fast CPU kernels (plain C++, no torch headers). Call through rnl_fast.ops.";
   m.def("if_forward", &py_if_forward);
+  m.def("if_forward_pool2x2", &py_if_forward_pool2x2);
   m.def("if_backward", &py_if_backward);
   m.def("relu_max", &py_relu_max);
   m.def("rate_norm_forward", &py_rate_norm_forward);

@@ -2,6 +2,7 @@
 // block-local array (L1), the neuron index innermost so that the compiler vectorises it.
 // (Neuron-outer / time-inner would stride N elements per step: ~10× slower, DESIGN.md §3.)
 #include "if_kernel.h"
+#include "if_steps.h"
 
 #include <omp.h>
 
@@ -12,8 +13,8 @@
 namespace rnl_fast {
 namespace {
 
-constexpr int64_t kForwardBlock = 4096;  // membrane, threshold and count of a block: 48 KB, L1/L2
-
+using detail::kForwardBlock;
+using detail::kStepUnroll;
 constexpr int64_t kBackwardBlock = 256;  // the backward keeps T × block membranes in scratch
 
 template <typename Acc>
@@ -25,59 +26,18 @@ inline Acc surrogate_grad(Acc u, Surrogate surrogate, Acc width) {
   return std::abs(u) < Acc(0.5) * width ? Acc(1) / width : Acc(0);
 }
 
-// Steps [t0, t0 + U) for one block of `n` neurons. The U steps are unrolled inside the neuron
-// loop so that a neuron's membrane, threshold and count stay in registers for U steps: one pass
-// over the block-local arrays per U steps instead of per step. (Measured on one core of an EPYC,
-// T = 32 × 1M fp32: 17.5 ms with U = 1, 10.8 ms with U = 8; a memcpy of the same bytes 6.6 ms.)
-// HARD is a template argument so that the inner loop carries no branch on the reset kind.
-template <int U, bool HARD, typename In, typename Out, typename Acc>
-inline void forward_steps(const In* __restrict x, const IFShape& shape, int64_t t0, int64_t j0, int64_t n,
-                          const Acc* __restrict th, Acc v_reset, Acc* __restrict v,
-                          int32_t* __restrict count, Out* __restrict spikes, int64_t* step_counts) {
-  const int64_t x_stride = shape.t_stride, s_stride = shape.N;  // locals: provably loop-invariant
-  const In* __restrict xt = x + t0 * x_stride + j0;
-  Out* __restrict st = spikes + t0 * s_stride + j0;
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    Acc vj = v[j];
-    const Acc thj = th[j];
-    int32_t cj = count[j];
-#pragma GCC unroll 16
-    for (int u = 0; u < U; ++u) {
-      const Acc m = vj + load<Acc>(xt + u * x_stride + j);
-      const bool fired = m >= thj;
-      if constexpr (HARD) {
-        vj = fired ? v_reset : m;
-      } else {
-        vj = fired ? m - thj : m;
-      }
-      st[u * s_stride + j] = spike_value<Out>(fired);
-      cj += fired;
-    }
-    v[j] = vj;
-    count[j] = cj;
-  }
-  // Per-step totals from the rows just written (still in cache): U separate reductions inside
-  // the loop above keep GCC from vectorising it (measured: 140 ms instead of 11 ms).
-  for (int u = 0; u < U; ++u) {
-    const Out* __restrict row = st + u * s_stride;
-    int32_t fired_now = 0;
-#pragma omp simd reduction(+ : fired_now)
-    for (int64_t j = 0; j < n; ++j) fired_now += is_spike(row[j]);
-    step_counts[t0 + u] += fired_now;
-  }
-}
-
 template <bool HARD, typename In, typename Out, typename Acc>
 void forward_block(const In* x, const IFShape& shape, int64_t j0, int64_t n, const Acc* th,
                    Acc v_reset, Acc* v, int32_t* count, Out* spikes, int64_t* step_counts) {
-  constexpr int kUnroll = 8;
+  const int64_t x_stride = shape.t_stride, s_stride = shape.N;
   int64_t t = 0;
-  for (; t + kUnroll <= shape.T; t += kUnroll) {
-    forward_steps<kUnroll, HARD>(x, shape, t, j0, n, th, v_reset, v, count, spikes, step_counts);
+  for (; t + kStepUnroll <= shape.T; t += kStepUnroll) {
+    detail::forward_steps<kStepUnroll, HARD>(x + t * x_stride + j0, x_stride, spikes + t * s_stride + j0,
+                                             s_stride, n, th, v_reset, v, count, step_counts + t);
   }
   for (; t < shape.T; ++t) {
-    forward_steps<1, HARD>(x, shape, t, j0, n, th, v_reset, v, count, spikes, step_counts);
+    detail::forward_steps<1, HARD>(x + t * x_stride + j0, x_stride, spikes + t * s_stride + j0, s_stride,
+                                   n, th, v_reset, v, count, step_counts + t);
   }
 }
 
@@ -98,11 +58,7 @@ void if_forward(const In* x, IFShape shape, NeuronParam<Acc> v_th, NeuronParam<A
     for (int64_t b = 0; b < num_blocks; ++b) {
       const int64_t j0 = b * kForwardBlock;
       const int64_t n = std::min(kForwardBlock, shape.N - j0);
-      for (int64_t j = 0; j < n; ++j) {
-        v[j] = v_init.at(j0 + j);
-        th[j] = v_th.at(j0 + j);
-        count[j] = 0;
-      }
+      detail::load_block_state(v_th, v_init, j0, n, th.data(), v.data(), count.data());
       if (reset == Reset::kHard) {
         forward_block<true>(x, shape, j0, n, th.data(), v_reset, v.data(), count.data(), spikes, my_step_counts.data());
       } else {
@@ -133,11 +89,8 @@ void if_backward(const In* grad_spikes, const Acc* grad_v_final, const In* x, IF
     for (int64_t b = 0; b < num_blocks; ++b) {
       const int64_t j0 = b * kBackwardBlock;
       const int64_t n = std::min(kBackwardBlock, shape.N - j0);
-      for (int64_t j = 0; j < n; ++j) {
-        v[j] = v_init.at(j0 + j);
-        th[j] = v_th.at(j0 + j);
-        grad_v[j] = grad_v_final ? grad_v_final[j0 + j] : Acc(0);
-      }
+      detail::load_block_state<Acc>(v_th, v_init, j0, n, th, v, nullptr);
+      for (int64_t j = 0; j < n; ++j) grad_v[j] = grad_v_final ? grad_v_final[j0 + j] : Acc(0);
       // Recompute the pre-spike membrane exactly as the forward pass did.
       for (int64_t t = 0; t < shape.T; ++t) {
         const In* xt = x + t * shape.t_stride + j0;

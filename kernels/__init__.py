@@ -6,6 +6,7 @@ import) they also run on CPU tensors, which is how the tests check them without 
 """
 
 from .if_kernels import if_bwd, if_fwd
+from .if_pool_kernels import if_fwd_pool2x2
 from .rate_norm_kernels import rate_norm_bwd, rate_norm_fwd
 
-__all__ = ["if_bwd", "if_fwd", "rate_norm_bwd", "rate_norm_fwd"]
+__all__ = ["if_bwd", "if_fwd", "if_fwd_pool2x2", "rate_norm_bwd", "rate_norm_fwd"]

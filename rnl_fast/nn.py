@@ -83,21 +83,46 @@ class IFSequence(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``x: [T, B, ...]`` input current → spikes ``[T, B, ...]``."""
-        if self.v is not None and x.dim() >= 1 and self.v.shape != x.shape[1:]:
-            raise ValueError(
-                f"x has neuron shape {tuple(x.shape[1:])} but the carried membrane has "
-                f"{tuple(self.v.shape)}: call reset() between inputs of different shapes"
-            )
         result = ops.if_sequence(
             x,
             v_th=self.v_threshold,
-            v_init=self.v if self.v is not None else self.v_init,
+            v_init=self._initial_membrane(x),
             v_reset=self.v_reset,
             surrogate=self.surrogate,
             width=self.width,
             detach_reset=self.detach_reset,
             spike_dtype=self.spike_dtype,
         )
+        return self._carry(result)
+
+    def forward_pool2x2(self, x: Tensor, scale: float = 1.0, ceil_mode: bool = False) -> Tensor:
+        """``x: [T, B, ..., H, W]`` → ``avg_pool2d(forward(x), 2, ceil_mode=ceil_mode) · scale``,
+        ``[T, B, ..., H', W']`` in ``x.dtype``, in one kernel that never stores the spikes
+        (:func:`rnl_fast.ops.if_sequence_pool2x2`). Membrane and counts advance exactly as in
+        :meth:`forward`. Inference only (no gradient)."""
+        result = ops.if_sequence_pool2x2(
+            x,
+            v_th=self.v_threshold,
+            v_init=self._initial_membrane(x),
+            v_reset=self.v_reset,
+            scale=scale,
+            ceil_mode=ceil_mode,
+        )
+        return self._carry(result)
+
+    def _initial_membrane(self, x: Tensor) -> Tensor | float:
+        """The carried membrane (checked against x's neuron shape), or v_init after a reset."""
+        if self.v is None:
+            return self.v_init
+        if x.dim() >= 1 and self.v.shape != x.shape[1:]:
+            raise ValueError(
+                f"x has neuron shape {tuple(x.shape[1:])} but the carried membrane has "
+                f"{tuple(self.v.shape)}: call reset() between inputs of different shapes"
+            )
+        return self.v
+
+    def _carry(self, result: ops.IFResult) -> Tensor:
+        """Keeps the membrane, appends the step counts, adds the neuron counts; returns the spikes."""
         self.v = result.v
         if self.step_spike_counts is None:
             self.step_spike_counts = result.step_counts

@@ -109,16 +109,13 @@ def _check_float_tensor(name: str, x: object) -> Tensor:
     return x
 
 
-def _check_values(name: str, t: Tensor, positive: bool) -> None:
-    """Finite (and > 0 when ``positive``) values; skipped while torch.compile traces the graph."""
+def _check_positive_finite(name: str, t: Tensor) -> None:
+    """Positive, finite values; skipped while torch.compile traces the graph."""
     if torch.compiler.is_compiling():
         return
-    bad = ~torch.isfinite(t)
-    if positive:
-        bad |= t <= 0
+    bad = ~torch.isfinite(t) | (t <= 0)
     if bool(bad.any()):
-        want = "positive and finite" if positive else "finite"
-        raise ValueError(f"{name} must be {want}, got {t.flatten()[bad.flatten()][:4].tolist()}")
+        raise ValueError(f"{name} must be positive and finite, got {t.flatten()[bad.flatten()][:4].tolist()}")
 
 
 def _neuron_param(name: str, value: Tensor | float, x: Tensor, positive: bool) -> Tensor:
@@ -140,7 +137,8 @@ def _neuron_param(name: str, value: Tensor | float, x: Tensor, positive: bool) -
                 f"x.shape[1:] = {tuple(neuron_shape)}"
             )
         value = value.detach() if name == "v_th" else value
-        _check_values(name, value.detach(), positive)
+        if positive:  # a tensor v_init is taken as it is: it may be a carried NaN (silent) membrane
+            _check_positive_finite(name, value.detach())
         if value.numel() == 1:
             return value.to(cdt).reshape(())
         return value.to(cdt).expand(neuron_shape).contiguous()
@@ -149,6 +147,23 @@ def _neuron_param(name: str, value: Tensor | float, x: Tensor, positive: bool) -
     if not math.isfinite(value) or (positive and value <= 0):
         raise ValueError(f"{name} must be {'positive and finite' if positive else 'finite'}, got {value}")
     return torch.tensor(float(value), dtype=cdt, device=x.device)
+
+
+def _check_if_input(x: object) -> Tensor:
+    """An IF input current: a float tensor ``[T, *neurons]`` with T ≥ 1 and at least one neuron."""
+    x = _check_float_tensor("x", x)
+    if x.dim() == 0:
+        raise ValueError("x must have a time dimension first, [T, *neurons]; got a 0-dim tensor")
+    if x.shape[0] == 0:
+        raise ValueError(f"x must have at least one time step, got shape {tuple(x.shape)} (T = 0)")
+    if x.numel() == 0:
+        raise ValueError(f"x must have at least one neuron, got shape {tuple(x.shape)}")
+    return x
+
+
+def _check_v_reset(v_reset: object) -> None:
+    if v_reset is not None and not (isinstance(v_reset, (int, float)) and math.isfinite(v_reset)):
+        raise ValueError(f"v_reset must be None (soft reset) or a finite float, got {v_reset!r}")
 
 
 class IFResult(NamedTuple):
@@ -312,6 +327,8 @@ def if_sequence(
         v_th: threshold, positive float or tensor broadcastable to ``x.shape[1:]`` (per channel).
         v_init: initial membrane, float or tensor broadcastable to ``x.shape[1:]``; gradients
             flow into a tensor ``v_init``, so chunked calls backpropagate through time exactly.
+            A float must be finite; a tensor is not value-checked, since it is usually the
+            membrane carried from an earlier call (NaN there: a neuron silenced by a NaN input).
         v_reset: ``None`` for soft reset, else the hard-reset potential.
         surrogate, width: surrogate derivative of the Heaviside step in the backward pass,
             ``"atan"`` (width 1 = SpikingJelly's ``ATan(alpha=2)``) or ``"rectangle"``
@@ -324,19 +341,12 @@ def if_sequence(
     initial membrane; the backward pass recomputes the membrane. SpikingJelly's IF node saves the
     float32 pre-spike membrane ``h_seq`` (4 bytes per element) besides its spikes.
     """
-    x = _check_float_tensor("x", x)
-    if x.dim() == 0:
-        raise ValueError("x must have a time dimension first, [T, *neurons]; got a 0-dim tensor")
-    if x.shape[0] == 0:
-        raise ValueError(f"x must have at least one time step, got shape {tuple(x.shape)} (T = 0)")
-    if x.numel() == 0:
-        raise ValueError(f"x must have at least one neuron, got shape {tuple(x.shape)}")
+    x = _check_if_input(x)
     if surrogate not in SURROGATES:
         raise ValueError(f"surrogate must be one of {SURROGATES}, got {surrogate!r}")
     if not (isinstance(width, (int, float)) and math.isfinite(width) and width > 0):
         raise ValueError(f"width must be a positive finite float, got {width!r}")
-    if v_reset is not None and not (isinstance(v_reset, (int, float)) and math.isfinite(v_reset)):
-        raise ValueError(f"v_reset must be None (soft reset) or a finite float, got {v_reset!r}")
+    _check_v_reset(v_reset)
     spike_dtype = spike_dtype or x.dtype
     if spike_dtype not in (x.dtype, torch.uint8, torch.bool):
         raise ValueError(f"spike_dtype must be None, x.dtype ({x.dtype}), torch.uint8 or torch.bool; got {spike_dtype}")
@@ -351,6 +361,110 @@ def if_sequence(
             x, v_th_t, v_init_t, float(v_reset or 0.0), hard, surrogate, float(width), detach_reset, spike_dtype
         )
     )
+
+
+# ─── op 1b: integrate-and-fire fused with 2×2 average pooling (inference) ─────────────────────
+
+
+def _pool_out_size(size: int, ceil_mode: bool) -> int:
+    return (size + 1) // 2 if ceil_mode else size // 2
+
+
+@torch.library.custom_op("rnl_fast::if_pool_forward", mutates_args=())
+def _if_pool_forward(
+    x: Tensor, v_th: Tensor, v_init: Tensor, v_reset: float, hard_reset: bool, scale: float, ceil_mode: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    T, neuron_shape = x.shape[0], x.shape[1:]
+    H, W = neuron_shape[-2:]
+    OH, OW = _pool_out_size(H, ceil_mode), _pool_out_size(W, ceil_mode)
+    planes = math.prod(neuron_shape[:-2])
+    x2 = _time_major(x)
+    N = x2.shape[1]
+    cdt = compute_dtype_of(x.dtype)
+    pooled = torch.empty((T, planes * OH * OW), dtype=x.dtype, device=x.device)
+    v_final = torch.empty(N, dtype=cdt, device=x.device)
+    step_counts = torch.empty(T, dtype=torch.int64, device=x.device)
+    neuron_counts = torch.empty(N, dtype=torch.int32, device=x.device)
+    if backend_for(x) == "triton":
+        _triton(x.device.type == "cpu").if_fwd_pool2x2(
+            x2, (planes, H, W), ceil_mode, v_th.reshape(-1), v_init.reshape(-1), v_reset, hard_reset, scale,
+            pooled, v_final, step_counts, neuron_counts,
+        )  # fmt: skip
+    else:
+        _cpp().if_forward_pool2x2(
+            x2.data_ptr(), x2[0].numel() + (T - 1) * x2.stride(0), _code(x.dtype), T, N, x2.stride(0),
+            planes, H, W, ceil_mode, v_th.data_ptr(), v_th.numel(), v_init.data_ptr(), v_init.numel(),
+            v_reset, int(hard_reset), scale, pooled.data_ptr(), pooled.numel(),
+            v_final.data_ptr(), v_final.numel(), step_counts.data_ptr(), step_counts.numel(),
+            neuron_counts.data_ptr(), neuron_counts.numel(), _threads(),
+        )  # fmt: skip
+    return (
+        pooled.view(T, *neuron_shape[:-2], OH, OW),
+        v_final.view(neuron_shape),
+        step_counts,
+        neuron_counts.view(neuron_shape),
+    )
+
+
+@_if_pool_forward.register_fake
+def _(x, v_th, v_init, v_reset, hard_reset, scale, ceil_mode):
+    T, neuron_shape = x.shape[0], x.shape[1:]
+    H, W = neuron_shape[-2:]
+    return (
+        x.new_empty((T, *neuron_shape[:-2], _pool_out_size(H, ceil_mode), _pool_out_size(W, ceil_mode))),
+        x.new_empty(neuron_shape, dtype=compute_dtype_of(x.dtype)),
+        x.new_empty((T,), dtype=torch.int64),
+        x.new_empty(neuron_shape, dtype=torch.int32),
+    )
+
+
+def if_sequence_pool2x2(
+    x: Tensor,
+    v_th: Tensor | float = 1.0,
+    v_init: Tensor | float = 0.0,
+    v_reset: float | None = None,
+    scale: float = 1.0,
+    ceil_mode: bool = False,
+) -> IFResult:
+    """IF neurons (as :func:`if_sequence`) whose spikes are averaged over 2×2 windows, in one kernel.
+
+    ``x: [T, *, H, W]`` → ``IFResult`` whose ``spikes`` field holds the pooled rates
+    ``avg_pool2d(spikes, 2, ceil_mode=ceil_mode) · scale``, ``[T, *, H', W']`` in ``x.dtype``
+    (H' = H // 2, or ⌈H/2⌉ with ``ceil_mode``); the membrane and the counts are those of
+    :func:`if_sequence` over every neuron. The spikes themselves are never stored: this is the
+    converted network's "neurons → AvgPool2d(2)" in one pass over the input current, for
+    simulation. Bit-identical to :func:`rnl_fast.reference.if_sequence_pool2x2`.
+
+    Inference only: raises if a gradient would be needed (train with :func:`if_sequence` and
+    ``avg_pool2d``).
+
+    Args:
+        x: ``[T, *, H, W]`` input current, any strides;
+            stride 0 in T (constant coding) is read once per neuron.
+        v_th, v_init, v_reset: as in :func:`if_sequence`.
+        scale: finite float multiplying every pooled value (a converted layer's spike weight λ).
+        ceil_mode: as ``nn.AvgPool2d``: keep windows overhanging an odd last row or column.
+    """
+    x = _check_if_input(x)
+    if x.dim() < 3:
+        raise ValueError(f"x must be [T, *, H, W], got shape {tuple(x.shape)}")
+    H, W = x.shape[-2:]
+    if _pool_out_size(H, ceil_mode) == 0 or _pool_out_size(W, ceil_mode) == 0:
+        raise ValueError(f"a 2x2 window does not fit in H x W = {H} x {W} (ceil_mode={ceil_mode})")
+    _check_v_reset(v_reset)
+    if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite float, got {scale!r}")
+    if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in (x, v_init)):
+        raise RuntimeError(
+            "if_sequence_pool2x2 is inference only and gives no gradient: run it under torch.no_grad(), "
+            "or train with if_sequence followed by avg_pool2d"
+        )
+    v_th_t = _neuron_param("v_th", v_th, x, positive=True)
+    v_init_t = _neuron_param("v_init", v_init, x, positive=False)
+    if backend_for(x) == "torch":
+        return IFResult(*reference.if_sequence_pool2x2(x, v_th_t, v_init_t, v_reset, float(scale), bool(ceil_mode)))
+    hard = v_reset is not None
+    return IFResult(*_if_pool_forward(x, v_th_t, v_init_t, float(v_reset or 0.0), hard, float(scale), bool(ceil_mode)))
 
 
 # ─── op 2: Rate Norm Layer ────────────────────────────────────────────────────────────────────

@@ -112,6 +112,33 @@ def if_sequence(
     return s_all.to(spike_dtype or x.dtype), v, step_counts, neuron_counts
 
 
+def avg_pool2x2(x: Tensor, ceil_mode: bool = False) -> Tensor:
+    """``avg_pool2d(kernel 2, stride 2)`` over the last two dims of ``[*, H, W]``; with
+    ``ceil_mode`` a window overhanging an odd last row or column averages the values it covers."""
+    H, W = x.shape[-2:]
+    pooled = torch.nn.functional.avg_pool2d(x.reshape(-1, 1, H, W), 2, ceil_mode=ceil_mode)
+    return pooled.reshape(*x.shape[:-2], *pooled.shape[-2:])
+
+
+def if_sequence_pool2x2(
+    x: Tensor,
+    v_th: Tensor | float = 1.0,
+    v_init: Tensor | float = 0.0,
+    v_reset: float | None = None,
+    scale: float = 1.0,
+    ceil_mode: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """IF neurons followed by 2×2 average pooling of their spikes, times ``scale``.
+
+    ``x: [T, *, H, W]`` → ``(avg_pool2x2(spikes) · scale`` ``[T, *, H', W']`` in ``x.dtype``,
+    final membrane, spikes per step, spikes per neuron``)``, the last three as :func:`if_sequence`
+    (every neuron counted, those outside all windows too). Inference only: no gradient.
+    """
+    spikes, v, step_counts, neuron_counts = if_sequence(x.detach(), v_th, v_init, v_reset)
+    pooled = avg_pool2x2(spikes, ceil_mode)
+    return (pooled * scale if scale != 1.0 else pooled), v, step_counts, neuron_counts
+
+
 def rate_norm_threshold(raw_p: Tensor, running_max: Tensor, compute_dtype: torch.dtype) -> Tensor:
     """θ = sigmoid(raw_p)·running_max + THETA_EPS, ``[]`` in ``compute_dtype``."""
     return torch.sigmoid(raw_p.to(compute_dtype)) * running_max.to(compute_dtype) + THETA_EPS

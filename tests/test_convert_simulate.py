@@ -74,6 +74,56 @@ def test_chunked_simulation_equals_one_pass():
     torch.testing.assert_close(snn(x, 50, chunk=1), snn(x, 50, chunk=50), rtol=1e-5, atol=1e-6)
 
 
+def _unfused(snn) -> None:
+    """With an observer on every layer the simulator makes the spikes and pools them by the reference."""
+    for layer in snn.neuron_layers.values():
+        layer.observer = lambda spikes: None
+
+
+def test_pools_after_neurons_are_fused_and_exact():
+    model = _warm_up(models.cnn7("rnl"))
+    snn = convert(model, "rnl")
+    assert all(layer.fused_pool is not None for layer in snn.neuron_layers.values())
+    assert not any(isinstance(m, nn.AvgPool2d) for m in snn.graph_module.children())
+    x = torch.rand(3, 1, 28, 28)
+    fused = snn(x, 12, chunk=12)
+    _unfused(snn)
+    assert torch.equal(fused, snn(x, 12, chunk=12))
+
+
+def test_ceil_mode_pool_on_odd_planes_is_fused():
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2, ceil_mode=True),  # 7 → 4
+        nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),  # 4 → 2, not the only consumer below
+        nn.Flatten(), nn.Linear(16, 3),
+    ).eval()  # fmt: skip
+    x = torch.rand(5, 1, 7, 7)
+    snn = convert(model, "maxnorm", [(x, None)])
+    pools = [layer.fused_pool for layer in snn.neuron_layers.values()]
+    assert all(p is not None for p in pools) and pools[0].ceil_mode
+    fused = snn(x, 9, chunk=9)
+    _unfused(snn)
+    assert torch.equal(fused, snn(x, 9, chunk=9))
+    assert fused.shape == (9, 5, 3)
+
+
+def test_neuron_layer_with_two_consumers_keeps_its_pool_separate():
+    class TwoUsers(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.act, self.pool = nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2)
+            self.skip = nn.Conv2d(2, 2, 2, stride=2)
+            self.fc = nn.Linear(2 * 3 * 3, 3)
+
+        def forward(self, x):
+            a = self.act(self.conv(x))
+            return self.fc((self.pool(a) + self.skip(a)).flatten(1))
+
+    snn = convert(TwoUsers().eval(), "maxnorm", [(torch.rand(4, 1, 6, 6), None)])
+    assert all(layer.fused_pool is None for layer in snn.neuron_layers.values())
+    assert snn(torch.rand(2, 1, 6, 6), 5).shape == (5, 2, 3)
+
+
 def test_residual_network_converts_and_approaches_ann():
     model = _warm_up(models.preact_resnet18("rnl", in_channels=1, input_size=28), shape=(8, 1, 28, 28), batches=4)
     snn = convert(model, "rnl")

@@ -27,6 +27,13 @@ def test_opcheck_if_backward():
     torch.library.opcheck(torch.ops.rnl_fast.if_backward.default, args)
 
 
+@pytest.mark.parametrize("ceil_mode", [False, True], ids=["floor", "ceil"])
+def test_opcheck_if_pool(ceil_mode):
+    x = torch.randn(6, 2, 3, 5, 7) * 0.8 + 0.3
+    args = (x, torch.tensor(0.7), torch.randn(2, 3, 5, 7) * 0.1, 0.0, False, 0.5, ceil_mode)
+    torch.library.opcheck(torch.ops.rnl_fast.if_pool_forward.default, args)
+
+
 @pytest.mark.parametrize("requires_grad", [False, True], ids=["no-grad", "grad"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_opcheck_rate_norm(requires_grad, training):

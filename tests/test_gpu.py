@@ -52,6 +52,20 @@ def test_if_constant_input_and_bf16():
     assert torch.equal(ops.if_sequence(xb).spikes.float(), reference.if_sequence(xb.float())[0])
 
 
+@pytest.mark.parametrize("ceil_mode", [False, True], ids=["floor", "ceil"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_if_pool_matches_reference(ceil_mode, dtype):
+    current = (torch.randn(16, 32, 15, 15, device="cuda") * 0.6 + 0.3).to(dtype)
+    x = current.expand(24, *current.shape)  # constant coding, as the simulator's first layer
+    v_th = torch.rand(32, 1, 1, device="cuda") + 0.4
+    fast = ops.if_sequence_pool2x2(x, v_th, scale=0.7, ceil_mode=ceil_mode)
+    ref = IFResult(*reference.if_sequence_pool2x2(x, v_th.expand(x.shape[1:]), scale=0.7, ceil_mode=ceil_mode))
+    assert torch.equal(fast.spikes, ref.spikes)
+    torch.testing.assert_close(fast.v, ref.v, rtol=1e-5, atol=1e-5)
+    assert torch.equal(fast.step_counts, ref.step_counts)
+    assert torch.equal(fast.neuron_counts, ref.neuron_counts)
+
+
 @pytest.mark.parametrize("v_reset", [None, 0.0], ids=["soft", "hard"])
 def test_if_backward_matches_reference(v_reset):
     x = (torch.randn(40, 8, 300, device="cuda") * 0.8 + 0.3).requires_grad_()

@@ -122,6 +122,17 @@ def test_nan_input_silences_the_neuron(backend):
     assert out.spikes[:, 0].sum() > 0
 
 
+def test_nan_membrane_carries_over_chunks(backend):
+    """A membrane silenced by NaN is a valid state: the next chunk takes it as v_init."""
+    x = torch.full((8, 3), 0.6)
+    x[2, 1] = float("nan")
+    whole = ops.if_sequence(x, v_th=1.0)
+    first = ops.if_sequence(x[:4], v_th=1.0)
+    second = ops.if_sequence(x[4:], v_th=1.0, v_init=first.v)
+    assert torch.equal(torch.cat([first.spikes, second.spikes]), whole.spikes)
+    assert torch.isnan(second.v[1])
+
+
 def test_outputs_are_fully_written(backend, monkeypatch):
     """Every output element comes from the kernel: allocations are poisoned before it runs."""
     real_empty = torch.empty

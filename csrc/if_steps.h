@@ -1,0 +1,72 @@
+// The IF step loop shared by the forward kernels (if_kernel.cpp, if_pool_kernel.cpp): internal,
+// not part of the entry points' interface.
+#pragma once
+
+#include <cstdint>
+
+#include "if_kernel.h"
+
+namespace rnl_fast {
+namespace detail {
+
+// Steps per pass of forward_steps (see there), and the largest block of neurons a forward task
+// keeps in block-local arrays (membrane, threshold and count: 48 KB, L1/L2).
+constexpr int kStepUnroll = 8;
+constexpr int64_t kForwardBlock = 4096;
+
+// A block's starting state: thresholds and initial membranes of neurons [j0, j0 + n), counts 0.
+template <typename Acc>
+inline void load_block_state(NeuronParam<Acc> v_th, NeuronParam<Acc> v_init, int64_t j0, int64_t n,
+                             Acc* th, Acc* v, int32_t* count) {
+  for (int64_t j = 0; j < n; ++j) {
+    v[j] = v_init.at(j0 + j);
+    th[j] = v_th.at(j0 + j);
+    if (count) count[j] = 0;
+  }
+}
+
+// U consecutive steps for a block of `n` neurons: `xt` and `st` point at the block's first
+// neuron in the first of the U steps; rows of x are `x_stride` apart (0 for a constant input),
+// rows of the spikes `s_stride` apart (N for the spike tensor, n for a block-local scratch).
+// The U steps are unrolled inside the neuron loop so that a neuron's membrane, threshold and
+// count stay in registers for U steps: one pass over the block-local arrays per U steps instead
+// of per step. (Measured on one core of an EPYC, T = 32 × 1M fp32: 17.5 ms with U = 1, 10.8 ms
+// with U = 8; a memcpy of the same bytes 6.6 ms.) HARD is a template argument so that the inner
+// loop carries no branch on the reset kind. Adds each step's spike total to step_counts[u].
+template <int U, bool HARD, typename In, typename Out, typename Acc>
+inline void forward_steps(const In* __restrict xt, int64_t x_stride, Out* __restrict st, int64_t s_stride,
+                          int64_t n, const Acc* __restrict th, Acc v_reset, Acc* __restrict v,
+                          int32_t* __restrict count, int64_t* step_counts) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    Acc vj = v[j];
+    const Acc thj = th[j];
+    int32_t cj = count[j];
+#pragma GCC unroll 16
+    for (int u = 0; u < U; ++u) {
+      const Acc m = vj + load<Acc>(xt + u * x_stride + j);
+      const bool fired = m >= thj;
+      if constexpr (HARD) {
+        vj = fired ? v_reset : m;
+      } else {
+        vj = fired ? m - thj : m;
+      }
+      st[u * s_stride + j] = spike_value<Out>(fired);
+      cj += fired;
+    }
+    v[j] = vj;
+    count[j] = cj;
+  }
+  // Per-step totals from the rows just written (still in cache): U separate reductions inside
+  // the loop above keep GCC from vectorising it (measured: 140 ms instead of 11 ms).
+  for (int u = 0; u < U; ++u) {
+    const Out* __restrict row = st + u * s_stride;
+    int32_t fired_now = 0;
+#pragma omp simd reduction(+ : fired_now)
+    for (int64_t j = 0; j < n; ++j) fired_now += is_spike(row[j]);
+    step_counts[u] += fired_now;
+  }
+}
+
+}  // namespace detail
+}  // namespace rnl_fast

@@ -1,0 +1,139 @@
+"""IF neurons fused with 2×2 average pooling (ops.if_sequence_pool2x2) against the reference,
+on every CPU-runnable backend, and the same op as IFSequence.forward_pool2x2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rnl_fast
+from rnl_fast import ops, reference
+from rnl_fast.ops import IFResult
+
+
+def _reference(x, v_th=1.0, **kwargs) -> IFResult:
+    # The threshold as the op hands it to its kernels: the reference takes it already broadcast.
+    v_th = v_th if not isinstance(v_th, torch.Tensor) else v_th.expand(x.shape[1:])
+    return IFResult(*reference.if_sequence_pool2x2(x, v_th, **kwargs))
+
+
+def _assert_same(fast: IFResult, ref: IFResult) -> None:
+    assert fast.spikes.dtype == ref.spikes.dtype and fast.spikes.shape == ref.spikes.shape
+    assert torch.equal(fast.spikes, ref.spikes), "pooled rates differ from the reference"
+    assert fast.v.dtype == ref.v.dtype
+    assert torch.equal(fast.v, ref.v), "final membrane differs from the reference"
+    assert torch.equal(fast.step_counts, ref.step_counts)
+    assert torch.equal(fast.neuron_counts, ref.neuron_counts)
+
+
+def _current(T: int, *neurons: int, dtype=torch.float32) -> torch.Tensor:
+    return (torch.randn(T, *neurons) * 0.6 + 0.3).to(dtype)
+
+
+SHAPES = [
+    pytest.param((9, 2, 3, 8, 6), id="even"),
+    pytest.param((11, 2, 3, 7, 9), id="odd-H-W"),
+    pytest.param((5, 1, 3, 3), id="no-batch-dim"),
+    pytest.param((3, 2, 1, 2, 2), id="one-window"),
+    pytest.param((17, 1, 2, 28, 28), id="mnist-plane-T17"),
+    pytest.param((4, 1, 2, 67, 65), id="planes-over-4096-split-in-row-bands"),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("ceil_mode", [False, True], ids=["floor", "ceil"])
+@pytest.mark.parametrize("v_reset", [None, -0.1], ids=["soft", "hard"])
+def test_matches_reference(backend, shape, ceil_mode, v_reset):
+    x = _current(*shape)
+    kwargs = dict(v_init=0.2, v_reset=v_reset, scale=0.37, ceil_mode=ceil_mode)
+    _assert_same(ops.if_sequence_pool2x2(x, 0.8, **kwargs), _reference(x, 0.8, **kwargs))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=["fp64", "fp16", "bf16"])
+def test_other_dtypes(backend, dtype):
+    x = _current(10, 2, 3, 7, 6, dtype=dtype)
+    kwargs = dict(scale=1.7, ceil_mode=True)
+    fast = ops.if_sequence_pool2x2(x, 0.6, **kwargs)
+    _assert_same(fast, _reference(x, 0.6, **kwargs))
+    assert fast.spikes.dtype == dtype
+
+
+def test_per_channel_threshold_constant_input_and_membrane(backend):
+    current = torch.rand(2, 4, 6, 5)
+    x = current.expand(21, *current.shape)  # constant coding: stride 0 in T
+    v_th = torch.rand(4, 1, 1) + 0.3
+    v_init = torch.randn(2, 4, 6, 5) * 0.2
+    fast = ops.if_sequence_pool2x2(x, v_th, v_init=v_init, scale=2.5)
+    _assert_same(fast, _reference(x.contiguous(), v_th, v_init=v_init, scale=2.5))
+
+
+def test_equals_if_sequence_then_avg_pool(backend):
+    """The op's definition in terms of the public unfused op and torch's own pooling."""
+    x = _current(13, 3, 2, 9, 10)
+    fused = ops.if_sequence_pool2x2(x, 0.7, scale=0.5, ceil_mode=True)
+    plain = ops.if_sequence(x, 0.7)
+    pooled = torch.nn.functional.avg_pool2d(plain.spikes.flatten(0, 1), 2, ceil_mode=True) * 0.5
+    assert torch.equal(fused.spikes, pooled.view_as(fused.spikes))
+    for name in ("v", "step_counts", "neuron_counts"):
+        assert torch.equal(getattr(fused, name), getattr(plain, name)), name
+
+
+def test_chunked_calls_equal_one_call(backend):
+    x = _current(30, 2, 2, 5, 6)
+    whole = ops.if_sequence_pool2x2(x, 0.7)
+    v, pooled = torch.tensor(0.0), []
+    for chunk in x.split([1, 9, 13, 7]):
+        out = ops.if_sequence_pool2x2(chunk, 0.7, v_init=v)
+        v = out.v
+        pooled.append(out.spikes)
+    assert torch.equal(torch.cat(pooled), whole.spikes)
+    assert torch.equal(v, whole.v)
+
+
+def test_outputs_are_fully_written(backend, monkeypatch):
+    real_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan") if t.is_floating_point() else 77)
+
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    x = _current(9, 2, 3, 7, 7)
+    out = ops.if_sequence_pool2x2(x, 0.8)
+    monkeypatch.setattr(torch, "empty", real_empty)
+    _assert_same(out, _reference(x, 0.8))
+
+
+@pytest.mark.parametrize(
+    "x, kwargs, error, match",
+    [
+        pytest.param(torch.ones(4, 5), {}, ValueError, r"\[T, \*, H, W\]", id="too-few-dims"),
+        pytest.param(torch.ones(4, 3, 1, 5), {}, ValueError, "does not fit", id="H1-floor"),
+        pytest.param(torch.ones(4, 3, 6, 5), dict(scale=float("inf")), ValueError, "scale", id="inf-scale"),
+        pytest.param(torch.ones(4, 3, 6, 5), dict(v_reset=float("nan")), ValueError, "v_reset", id="nan-reset"),
+        pytest.param(torch.ones(4, 3, 6, 5).requires_grad_(), {}, RuntimeError, "inference only", id="grad"),
+        pytest.param(torch.ones(4, 3, 6, 5, dtype=torch.int32), {}, TypeError, "float32", id="int-input"),
+    ],
+)
+def test_bad_inputs(x, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ops.if_sequence_pool2x2(x, **kwargs)
+
+
+def test_no_grad_context_allows_inputs_that_require_grad():
+    x = _current(4, 1, 3, 4, 4).requires_grad_()
+    with torch.no_grad():
+        out = ops.if_sequence_pool2x2(x, 0.5)
+    assert out.spikes.shape == (4, 1, 3, 2, 2) and not out.spikes.requires_grad
+
+
+def test_module_method_carries_state_like_forward(backend):
+    x = _current(12, 2, 3, 6, 7)
+    fused, plain = rnl_fast.IFSequence(v_threshold=0.6), rnl_fast.IFSequence(v_threshold=0.6)
+    pooled = [fused.forward_pool2x2(c, scale=3.0) for c in x.split([5, 7])]
+    spikes = torch.cat([plain(c) for c in x.split([5, 7])])
+    expected = reference.avg_pool2x2(spikes) * 3.0
+    assert torch.equal(torch.cat(pooled), expected)
+    assert torch.equal(fused.v, plain.v)
+    assert torch.equal(fused.step_spike_counts, plain.step_spike_counts)
+    assert torch.equal(fused.neuron_spike_counts, plain.neuron_spike_counts)
