@@ -69,17 +69,17 @@ class IFSequence(nn.Module):
         self.spike_dtype = spike_dtype
         self.v: Tensor | None = None
         self.step_spike_counts: Tensor | None = None
-        self.neuron_spike_counts: Tensor | None = None
+        self._neuron_counts: Tensor | None = None
 
     def __getstate__(self) -> dict:
         # The carried state may hang on an autograd graph: copies and pickles start reset.
-        return {**super().__getstate__(), "v": None, "step_spike_counts": None, "neuron_spike_counts": None}
+        return {**super().__getstate__(), "v": None, "step_spike_counts": None, "_neuron_counts": None}
 
     def reset(self) -> None:
         """Forget the membrane and the spike counts (call between independent inputs)."""
         self.v = None
         self.step_spike_counts = None
-        self.neuron_spike_counts = None
+        self._neuron_counts = None
 
     def forward(self, x: Tensor) -> Tensor:
         """``x: [T, B, ...]`` input current → spikes ``[T, B, ...]``."""
@@ -126,11 +126,18 @@ class IFSequence(nn.Module):
         self.v = result.v
         if self.step_spike_counts is None:
             self.step_spike_counts = result.step_counts
-            self.neuron_spike_counts = result.neuron_counts.to(torch.int64)
+            self._neuron_counts = result.neuron_counts  # int32, the op's own fresh tensor
         else:
             self.step_spike_counts = torch.cat([self.step_spike_counts, result.step_counts])
-            self.neuron_spike_counts = self.neuron_spike_counts + result.neuron_counts
+            # In place and in int32 (a neuron spikes at most once a step): a new int64 sum per
+            # chunk cost 8% of a cnn7 simulation (12 bytes per neuron instead of 28, no page faults).
+            self._neuron_counts.add_(result.neuron_counts)
         return result.spikes
+
+    @property
+    def neuron_spike_counts(self) -> Tensor | None:
+        """``[B, ...]`` int64: spikes per neuron summed over the steps since reset (None before)."""
+        return None if self._neuron_counts is None else self._neuron_counts.to(torch.int64)
 
     def extra_repr(self) -> str:
         th = self.v_threshold
