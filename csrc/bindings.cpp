@@ -177,20 +177,21 @@ auto by_dtype(int dtype, Fn&& fn) {
 }
 
 void py_if_forward_pool2x2(uintptr_t x, int64_t x_len, int dtype, int64_t T, int64_t N,
-                           int64_t t_stride, int64_t planes, int64_t H, int64_t W, bool ceil_mode,
+                           int64_t t_stride, int64_t planes, int64_t H, int64_t W, int64_t inner,
+                           bool ceil_mode,
                            uintptr_t v_th, int64_t v_th_len, uintptr_t v_init, int64_t v_init_len,
                            double v_reset, int reset, double scale, uintptr_t pooled,
                            int64_t pooled_len, uintptr_t v_final, int64_t v_final_len,
                            uintptr_t step_counts, int64_t step_counts_len, uintptr_t neuron_counts,
                            int64_t neuron_counts_len, int num_threads) {
   const IFShape shape{T, N, t_stride};
-  const PoolShape pool{planes, H, W, ceil_mode};
+  const PoolShape pool{planes, H, W, inner, ceil_mode};
   check_if_shape(shape, x_len);
-  require(planes >= 1 && H >= 1 && W >= 1 && planes * H * W == N,
-          "the planes must tile the neurons: planes*H*W == N");
+  require(planes >= 1 && H >= 1 && W >= 1 && inner >= 1 && planes * H * W * inner == N,
+          "the planes must tile the neurons: planes*H*W*inner == N");
   require(pool.out_h() >= 1 && pool.out_w() >= 1, "the planes are too small for a 2x2 window");
-  require(pooled && pooled_len >= T * planes * pool.out_h() * pool.out_w(),
-          "pooled must hold T*planes*out_h*out_w elements");
+  require(pooled && pooled_len >= T * planes * pool.out_h() * pool.out_w() * inner,
+          "pooled must hold T*planes*out_h*out_w*inner elements");
   require(v_final_len >= N && neuron_counts_len >= N, "v_final and neuron_counts need N elements");
   require(step_counts_len >= T, "step_counts needs T elements");
   require(x && v_final && step_counts && neuron_counts, "null pointer");

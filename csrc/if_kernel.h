@@ -33,23 +33,25 @@ void if_forward(const In* x, IFShape shape, NeuronParam<Acc> v_th, NeuronParam<A
                 Acc v_reset, Reset reset, Out* spikes, Acc* v_final, int64_t* step_counts,
                 int32_t* neuron_counts, int num_threads);
 
-// Where the fused IF + 2×2 average pooling finds its planes: the N neurons are `planes`
-// contiguous row-major H × W planes. Each output averages the spikes of one 2×2 window, stride 2
-// (avg_pool2d(kernel 2, stride 2, padding 0)); with ceil_mode the windows that overhang an odd
-// last row or column are kept and averaged over the neurons they cover.
+// Where the fused IF + 2×2 average pooling finds its planes: the N neurons lie as
+// [planes, H, W, inner] (NCHW: planes = B·C, inner = 1; channels-last: planes = B, inner = C).
+// Each output averages the spikes of one 2×2 window of (H, W), stride 2 (avg_pool2d(kernel 2,
+// stride 2, padding 0)); with ceil_mode the windows that overhang an odd last row or column are
+// kept and averaged over the neurons they cover. Outputs lie as [planes, out_h, out_w, inner].
 struct PoolShape {
   int64_t planes;
   int64_t H;
   int64_t W;
+  int64_t inner;
   bool ceil_mode;
   int64_t out_h() const { return ceil_mode ? (H + 1) / 2 : H / 2; }
   int64_t out_w() const { return ceil_mode ? (W + 1) / 2 : W / 2; }
 };
 
-// if_forward whose spikes are not stored but pooled: writes pooled [T, planes, out_h, out_w] in
+// if_forward whose spikes are not stored but pooled: writes pooled [T, planes, out_h, out_w, inner] in
 // the input's type, each value (the spikes of its window averaged) × scale, and, as if_forward,
 // the final membrane [N], the spikes per step [T] and per neuron [N] (all neurons, those left out
-// of every window included). Requires N == planes·H·W.
+// of every window included). Requires N == planes·H·W·inner.
 template <typename In, typename Acc>
 void if_forward_pool2x2(const In* x, IFShape shape, PoolShape pool, NeuronParam<Acc> v_th,
                         NeuronParam<Acc> v_init, Acc v_reset, Reset reset, Acc scale, In* pooled,

@@ -1,6 +1,8 @@
 """Triton kernel for IF neurons fused with the 2×2 average pooling after them (inference).
 
-One program owns ``BLOCK`` 2×2 windows ("quads") of the ``[planes, H, W]`` neurons and loops
+One program owns ``BLOCK`` 2×2 windows ("quads") of the ``[planes, H, W, inner]`` neurons (NCHW:
+``inner`` = 1; channels-last: ``planes`` = B, ``inner`` = C, windows of neighbouring channels in
+neighbouring lanes) and loops
 over all ``T`` steps with the four membranes of each quad in registers; per step it reads the
 four input currents and writes one pooled value, so the spike tensor is never stored. The quads
 tile every neuron: with an odd H or W the last quad row/column holds fewer neurons, which are
@@ -43,23 +45,24 @@ def _to_output(value, out_dtype: tl.constexpr):
 @triton.autotune(configs=block_configs(), key=["size_class"], reset_to_zero=["step_counts_ptr"])
 @triton.jit
 def _if_fwd_pool_kernel(
-    x_ptr,  # [T, N] input current, neuron stride 1, time stride x_time_stride; N = planes·H·W
+    x_ptr,  # [T, N] input current, neuron stride 1, time stride x_time_stride; N = planes·H·W·inner
     v_th_ptr,  # [N] or [] threshold, compute dtype
     v_init_ptr,  # [N] or [] initial membrane, compute dtype
     scale_ptr,  # [] compute dtype: factor of every pooled value (a pointer: no recompile per value)
-    pooled_ptr,  # [T, planes, OH, OW] contiguous out, x's dtype
+    pooled_ptr,  # [T, planes, OH, OW, inner] contiguous out, x's dtype
     v_final_ptr,  # [N] out: membrane after step T−1, compute dtype
     step_counts_ptr,  # [T] int64, zero-filled: each program adds its spike count per step
     neuron_counts_ptr,  # [N] int32 out: spikes per neuron over all T steps
     T,  # number of time steps
     H,  # plane height
     W,  # plane width
+    INNER,  # neurons per (plane, row, column): the dims after W, e.g. channels-last C
     OH,  # pooled height (H // 2, or ⌈H/2⌉ with ceil_mode)
     OW,  # pooled width
     QH,  # quad rows per plane, ⌈H/2⌉
     QW,  # quad columns per plane, ⌈W/2⌉
-    num_quads,  # planes · QH · QW
-    pooled_step,  # planes · OH · OW: elements between pooled[t] and pooled[t+1]
+    num_quads,  # planes · QH · QW · inner
+    pooled_step,  # planes · OH · OW · inner: elements between pooled[t] and pooled[t+1]
     x_time_stride,  # elements between x[t] and x[t+1]: N, or 0 for an expanded constant input
     size_class,  # autotune key only (see _autotune.size_class); unused by the kernel
     V_TH_PER_NEURON: tl.constexpr,  # v_th has N elements (else one for all neurons)
@@ -71,11 +74,14 @@ def _if_fwd_pool_kernel(
     compute_dtype = v_final_ptr.dtype.element_ty
     quads = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     in_range = quads < num_quads
-    plane = quads // (QH * QW)
-    qi = (quads // QW) % QH
-    qj = quads % QW
-    # The quad's top-left neuron; int64: planes·H·W may pass 2³¹.
-    n00 = plane.to(tl.int64) * H * W + (2 * qi) * W + 2 * qj
+    k = quads % INNER
+    qj = (quads // INNER) % QW
+    qi = (quads // (INNER * QW)) % QH
+    plane = quads // (INNER * QW * QH)
+    # The quad's top-left neuron and its neighbours; int64: planes·H·W·inner may pass 2³¹.
+    n00 = ((plane.to(tl.int64) * H + 2 * qi) * W + 2 * qj) * INNER + k
+    right = INNER
+    below = W * INNER
     has_right = 2 * qj + 1 < W
     has_bottom = 2 * qi + 1 < H
     m00 = in_range
@@ -84,9 +90,9 @@ def _if_fwd_pool_kernel(
     m11 = m01 & has_bottom
 
     th00, v00 = _load_neuron_state(v_th_ptr, v_init_ptr, n00, m00, compute_dtype, V_TH_PER_NEURON, V_INIT_PER_NEURON, BLOCK)
-    th01, v01 = _load_neuron_state(v_th_ptr, v_init_ptr, n00 + 1, m01, compute_dtype, V_TH_PER_NEURON, V_INIT_PER_NEURON, BLOCK)
-    th10, v10 = _load_neuron_state(v_th_ptr, v_init_ptr, n00 + W, m10, compute_dtype, V_TH_PER_NEURON, V_INIT_PER_NEURON, BLOCK)
-    th11, v11 = _load_neuron_state(v_th_ptr, v_init_ptr, n00 + W + 1, m11, compute_dtype, V_TH_PER_NEURON, V_INIT_PER_NEURON, BLOCK)
+    th01, v01 = _load_neuron_state(v_th_ptr, v_init_ptr, n00 + right, m01, compute_dtype, V_TH_PER_NEURON, V_INIT_PER_NEURON, BLOCK)
+    th10, v10 = _load_neuron_state(v_th_ptr, v_init_ptr, n00 + below, m10, compute_dtype, V_TH_PER_NEURON, V_INIT_PER_NEURON, BLOCK)
+    th11, v11 = _load_neuron_state(v_th_ptr, v_init_ptr, n00 + below + right, m11, compute_dtype, V_TH_PER_NEURON, V_INIT_PER_NEURON, BLOCK)
     c00 = tl.zeros([BLOCK], dtype=tl.int32)
     c01 = tl.zeros([BLOCK], dtype=tl.int32)
     c10 = tl.zeros([BLOCK], dtype=tl.int32)
@@ -98,15 +104,15 @@ def _if_fwd_pool_kernel(
     inverse = tl.where(neurons_in_quad == 4, 0.25, tl.where(neurons_in_quad == 2, 0.5, 1.0))
     weight = tl.load(scale_ptr) * inverse.to(compute_dtype)
     out_mask = in_range & (qi < OH) & (qj < OW)
-    out_ptrs = pooled_ptr + plane.to(tl.int64) * OH * OW + qi * OW + qj
+    out_ptrs = pooled_ptr + ((plane.to(tl.int64) * OH + qi) * OW + qj) * INNER + k
 
     x_ptrs = x_ptr + n00
     time_offset = tl.cast(0, tl.int64)
     for t in range(T):
         s00, v00 = _fire(v00, x_ptrs, time_offset, m00, th00, compute_dtype, HARD_RESET, V_RESET)
-        s01, v01 = _fire(v01, x_ptrs + 1, time_offset, m01, th01, compute_dtype, HARD_RESET, V_RESET)
-        s10, v10 = _fire(v10, x_ptrs + W, time_offset, m10, th10, compute_dtype, HARD_RESET, V_RESET)
-        s11, v11 = _fire(v11, x_ptrs + W + 1, time_offset, m11, th11, compute_dtype, HARD_RESET, V_RESET)
+        s01, v01 = _fire(v01, x_ptrs + right, time_offset, m01, th01, compute_dtype, HARD_RESET, V_RESET)
+        s10, v10 = _fire(v10, x_ptrs + below, time_offset, m10, th10, compute_dtype, HARD_RESET, V_RESET)
+        s11, v11 = _fire(v11, x_ptrs + below + right, time_offset, m11, th11, compute_dtype, HARD_RESET, V_RESET)
         c00 += s00
         c01 += s01
         c10 += s10
@@ -119,13 +125,13 @@ def _if_fwd_pool_kernel(
         out_ptrs += pooled_step
 
     tl.store(v_final_ptr + n00, v00, mask=m00)
-    tl.store(v_final_ptr + n00 + 1, v01, mask=m01)
-    tl.store(v_final_ptr + n00 + W, v10, mask=m10)
-    tl.store(v_final_ptr + n00 + W + 1, v11, mask=m11)
+    tl.store(v_final_ptr + n00 + right, v01, mask=m01)
+    tl.store(v_final_ptr + n00 + below, v10, mask=m10)
+    tl.store(v_final_ptr + n00 + below + right, v11, mask=m11)
     tl.store(neuron_counts_ptr + n00, c00, mask=m00)
-    tl.store(neuron_counts_ptr + n00 + 1, c01, mask=m01)
-    tl.store(neuron_counts_ptr + n00 + W, c10, mask=m10)
-    tl.store(neuron_counts_ptr + n00 + W + 1, c11, mask=m11)
+    tl.store(neuron_counts_ptr + n00 + right, c01, mask=m01)
+    tl.store(neuron_counts_ptr + n00 + below, c10, mask=m10)
+    tl.store(neuron_counts_ptr + n00 + below + right, c11, mask=m11)
 
 
 def _grid(num_quads: int) -> Callable[[dict], tuple[int]]:
@@ -137,7 +143,7 @@ def _grid(num_quads: int) -> Callable[[dict], tuple[int]]:
 
 def if_fwd_pool2x2(
     x: torch.Tensor,
-    planes_hw: tuple[int, int, int],
+    geometry: tuple[int, int, int, int],
     ceil_mode: bool,
     v_th: torch.Tensor,
     v_init: torch.Tensor,
@@ -152,24 +158,24 @@ def if_fwd_pool2x2(
     """T steps of IF neurons with their spikes averaged over 2×2 windows; writes the caller's outputs.
 
     Args:
-        x: ``[T, N]``, ``N = planes·H·W``, neuron stride 1, time stride ``N`` or ``0``.
-        planes_hw: ``(planes, H, W)``.
+        x: ``[T, N]``, ``N = planes·H·W·inner``, neuron stride 1, time stride ``N`` or ``0``.
+        geometry: ``(planes, H, W, inner)``: the neurons lie as ``[planes, H, W, inner]``.
         ceil_mode: keep the windows overhanging an odd last row or column (``nn.AvgPool2d``).
         v_th, v_init, v_reset, hard_reset: as in :func:`rnl_fast.kernels.if_fwd`.
         scale: factor of every pooled value.
-        pooled: ``[T, planes·OH·OW]`` contiguous out, ``x.dtype``.
+        pooled: ``[T, planes·OH·OW·inner]`` contiguous out, ``x.dtype``.
         v_final, step_counts, neuron_counts: as in :func:`rnl_fast.kernels.if_fwd`.
     """
     T, _N = x.shape
-    planes, H, W = planes_hw
+    planes, H, W, inner = geometry
     QH, QW = (H + 1) // 2, (W + 1) // 2
     OH, OW = (QH, QW) if ceil_mode else (H // 2, W // 2)
-    num_quads = planes * QH * QW
+    num_quads = planes * QH * QW * inner
     step_counts.zero_()  # the kernel accumulates into it with atomics
     scale_t = torch.tensor(scale, dtype=v_final.dtype, device=x.device)
     _if_fwd_pool_kernel[_grid(num_quads)](
         x, v_th, v_init, scale_t, pooled, v_final, step_counts, neuron_counts,
-        T, H, W, OH, OW, QH, QW, num_quads, planes * OH * OW, x.stride(0), size_class(num_quads),
+        T, H, W, inner, OH, OW, QH, QW, num_quads, planes * OH * OW * inner, x.stride(0), size_class(num_quads),
         V_TH_PER_NEURON=v_th.numel() != 1,
         V_INIT_PER_NEURON=v_init.numel() != 1,
         HARD_RESET=hard_reset,

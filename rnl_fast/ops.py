@@ -83,6 +83,51 @@ def _code(dtype: torch.dtype) -> int:
     return _DTYPE_CODES[dtype]
 
 
+def _neuron_order(x: Tensor, pool_dims: bool = False) -> tuple[int, ...]:
+    """The order of ``x``'s neuron dims (those after T) in memory, outermost first.
+
+    The forward kernels read and write the neurons in this order, so a channels-last tensor (a
+    convolution's output on CPU) is used as it lies instead of being copied to NCHW; outputs take
+    the same layout. When the neurons are not one dense block in any order, the identity (x gets
+    copied). With ``pool_dims`` the last two dims (H, W) must also lie next to each other, H
+    outside W, as the pooling kernels need ([outer…, H, W, inner…]); else the identity too.
+    """
+    n = x.dim() - 1
+    identity = tuple(range(n))
+    shape, strides = x.shape[1:], x.stride()[1:]
+    if x[0].is_contiguous():
+        return identity
+    order = tuple(sorted(identity, key=lambda d: (-strides[d], d)))
+    expected = 1
+    for d in reversed(order):
+        if shape[d] != 1 and strides[d] != expected:
+            return identity
+        expected *= shape[d]
+    if pool_dims and order.index(n - 1) != order.index(n - 2) + 1:
+        return identity
+    return order
+
+
+def _in_order(t: Tensor, order: tuple[int, ...], lead: int = 0) -> Tensor:
+    """``t`` (``lead`` leading dims, then the neuron dims) with its neuron dims permuted to ``order``."""
+    if order == tuple(range(len(order))):
+        return t
+    return t.permute(*range(lead), *(lead + d for d in order))
+
+
+def _logical(t: Tensor, order: tuple[int, ...], lead: int = 0) -> Tensor:
+    """Undoes :func:`_in_order`: a view of ``t`` with its neuron dims back in logical order."""
+    if order == tuple(range(len(order))):
+        return t
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    return t.permute(*range(lead), *(lead + d for d in inverse))
+
+
+def _param_in_order(p: Tensor, order: tuple[int, ...]) -> Tensor:
+    """A ``[]`` or neuron-shaped threshold/membrane, contiguous in the kernels' neuron order."""
+    return p if p.dim() == 0 else _in_order(p, order).contiguous()
+
+
 def _time_major(x: Tensor) -> Tensor:
     """``x`` as ``[T, N]`` with neuron stride 1 and time stride N, or 0 for a constant input.
 
@@ -199,9 +244,13 @@ def _if_forward(
     detach_reset: bool,
     spike_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    T, neuron_shape = x.shape[0], x.shape[1:]
-    x2 = _time_major(x)
+    T = x.shape[0]
+    order = _neuron_order(x)
+    xo = _in_order(x, order, lead=1)
+    neuron_shape = xo.shape[1:]  # in the kernels' order
+    x2 = _time_major(xo)
     N = x2.shape[1]
+    v_th, v_init = _param_in_order(v_th, order), _param_in_order(v_init, order)
     cdt = compute_dtype_of(x.dtype)
     spikes = torch.empty((T, N), dtype=spike_dtype, device=x.device)
     v_final = torch.empty(N, dtype=cdt, device=x.device)
@@ -221,21 +270,22 @@ def _if_forward(
             neuron_counts.data_ptr(), neuron_counts.numel(), _threads(),
         )  # fmt: skip
     return (
-        spikes.view(x.shape[:1] + neuron_shape),
-        v_final.view(neuron_shape),
+        _logical(spikes.view(T, *neuron_shape), order, lead=1),
+        _logical(v_final.view(neuron_shape), order),
         step_counts,
-        neuron_counts.view(neuron_shape),
+        _logical(neuron_counts.view(neuron_shape), order),
     )
 
 
 @_if_forward.register_fake
 def _(x, v_th, v_init, v_reset, hard_reset, surrogate, width, detach_reset, spike_dtype):
-    neuron_shape = x.shape[1:]
+    order = _neuron_order(x)
+    neuron_shape = _in_order(x, order, lead=1).shape[1:]
     return (
-        x.new_empty(x.shape, dtype=spike_dtype),
-        x.new_empty(neuron_shape, dtype=compute_dtype_of(x.dtype)),
+        _logical(x.new_empty((x.shape[0], *neuron_shape), dtype=spike_dtype), order, lead=1),
+        _logical(x.new_empty(neuron_shape, dtype=compute_dtype_of(x.dtype)), order),
         x.new_empty(x.shape[:1], dtype=torch.int64),
-        x.new_empty(neuron_shape, dtype=torch.int32),
+        _logical(x.new_empty(neuron_shape, dtype=torch.int32), order),
     )
 
 
@@ -374,47 +424,63 @@ def _pool_out_size(size: int, ceil_mode: bool) -> int:
 def _if_pool_forward(
     x: Tensor, v_th: Tensor, v_init: Tensor, v_reset: float, hard_reset: bool, scale: float, ceil_mode: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    T, neuron_shape = x.shape[0], x.shape[1:]
-    H, W = neuron_shape[-2:]
+    T = x.shape[0]
+    order = _neuron_order(x, pool_dims=True)
+    xo = _in_order(x, order, lead=1)
+    neuron_shape, pooled_shape, (planes, H, W, inner) = _pool_geometry(x, order, ceil_mode)
     OH, OW = _pool_out_size(H, ceil_mode), _pool_out_size(W, ceil_mode)
-    planes = math.prod(neuron_shape[:-2])
-    x2 = _time_major(x)
+    x2 = _time_major(xo)
     N = x2.shape[1]
+    v_th, v_init = _param_in_order(v_th, order), _param_in_order(v_init, order)
     cdt = compute_dtype_of(x.dtype)
-    pooled = torch.empty((T, planes * OH * OW), dtype=x.dtype, device=x.device)
+    pooled = torch.empty((T, planes * OH * OW * inner), dtype=x.dtype, device=x.device)
     v_final = torch.empty(N, dtype=cdt, device=x.device)
     step_counts = torch.empty(T, dtype=torch.int64, device=x.device)
     neuron_counts = torch.empty(N, dtype=torch.int32, device=x.device)
     if backend_for(x) == "triton":
         _triton(x.device.type == "cpu").if_fwd_pool2x2(
-            x2, (planes, H, W), ceil_mode, v_th.reshape(-1), v_init.reshape(-1), v_reset, hard_reset, scale,
+            x2, (planes, H, W, inner), ceil_mode, v_th.reshape(-1), v_init.reshape(-1), v_reset, hard_reset, scale,
             pooled, v_final, step_counts, neuron_counts,
         )  # fmt: skip
     else:
         _cpp().if_forward_pool2x2(
             x2.data_ptr(), x2[0].numel() + (T - 1) * x2.stride(0), _code(x.dtype), T, N, x2.stride(0),
-            planes, H, W, ceil_mode, v_th.data_ptr(), v_th.numel(), v_init.data_ptr(), v_init.numel(),
+            planes, H, W, inner, ceil_mode, v_th.data_ptr(), v_th.numel(), v_init.data_ptr(), v_init.numel(),
             v_reset, int(hard_reset), scale, pooled.data_ptr(), pooled.numel(),
             v_final.data_ptr(), v_final.numel(), step_counts.data_ptr(), step_counts.numel(),
             neuron_counts.data_ptr(), neuron_counts.numel(), _threads(),
         )  # fmt: skip
     return (
-        pooled.view(T, *neuron_shape[:-2], OH, OW),
-        v_final.view(neuron_shape),
+        _logical(pooled.view(T, *pooled_shape), order, lead=1),
+        _logical(v_final.view(neuron_shape), order),
         step_counts,
-        neuron_counts.view(neuron_shape),
+        _logical(neuron_counts.view(neuron_shape), order),
     )
+
+
+def _pool_geometry(x: Tensor, order: tuple[int, ...], ceil_mode: bool):
+    """For the neurons of ``x`` in ``order`` ([outer…, H, W, inner…]): their shape, the pooled
+    shape in the same order, and ``(planes, H, W, inner)``, planes and inner being the products
+    of the outer and inner dims."""
+    n = x.dim() - 1
+    neuron_shape = torch.Size(x.shape[1 + d] for d in order)
+    out = list(x.shape[1:])
+    out[-2], out[-1] = _pool_out_size(out[-2], ceil_mode), _pool_out_size(out[-1], ceil_mode)
+    pooled_shape = torch.Size(out[d] for d in order)
+    h_at = order.index(n - 2)
+    planes, inner = math.prod(neuron_shape[:h_at]), math.prod(neuron_shape[h_at + 2 :])
+    return neuron_shape, pooled_shape, (planes, x.shape[-2], x.shape[-1], inner)
 
 
 @_if_pool_forward.register_fake
 def _(x, v_th, v_init, v_reset, hard_reset, scale, ceil_mode):
-    T, neuron_shape = x.shape[0], x.shape[1:]
-    H, W = neuron_shape[-2:]
+    order = _neuron_order(x, pool_dims=True)
+    neuron_shape, pooled_shape, _ = _pool_geometry(x, order, ceil_mode)
     return (
-        x.new_empty((T, *neuron_shape[:-2], _pool_out_size(H, ceil_mode), _pool_out_size(W, ceil_mode))),
-        x.new_empty(neuron_shape, dtype=compute_dtype_of(x.dtype)),
-        x.new_empty((T,), dtype=torch.int64),
-        x.new_empty(neuron_shape, dtype=torch.int32),
+        _logical(x.new_empty((x.shape[0], *pooled_shape)), order, lead=1),
+        _logical(x.new_empty(neuron_shape, dtype=compute_dtype_of(x.dtype)), order),
+        x.new_empty((x.shape[0],), dtype=torch.int64),
+        _logical(x.new_empty(neuron_shape, dtype=torch.int32), order),
     )
 
 

@@ -27,11 +27,25 @@ def test_opcheck_if_backward():
     torch.library.opcheck(torch.ops.rnl_fast.if_backward.default, args)
 
 
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``[T, B, C, H, W]`` laid out as ``[T, B, H, W, C]``: the kernels keep it, so must the fakes."""
+    return x.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+
+
 @pytest.mark.parametrize("ceil_mode", [False, True], ids=["floor", "ceil"])
-def test_opcheck_if_pool(ceil_mode):
+@pytest.mark.parametrize("layout", ["nchw", "channels-last"])
+def test_opcheck_if_pool(ceil_mode, layout):
     x = torch.randn(6, 2, 3, 5, 7) * 0.8 + 0.3
+    x = _channels_last(x) if layout == "channels-last" else x
     args = (x, torch.tensor(0.7), torch.randn(2, 3, 5, 7) * 0.1, 0.0, False, 0.5, ceil_mode)
     torch.library.opcheck(torch.ops.rnl_fast.if_pool_forward.default, args)
+
+
+def test_opcheck_if_channels_last():
+    x = _channels_last(torch.randn(6, 2, 3, 5, 7) * 0.8 + 0.3)
+    torch.library.opcheck(
+        torch.ops.rnl_fast.if_forward.default, (x, torch.tensor(0.7), torch.tensor(0.0), 0.0, False, "atan", 1.0, False, torch.float32)
+    )
 
 
 @pytest.mark.parametrize("requires_grad", [False, True], ids=["no-grad", "grad"])

@@ -69,6 +69,17 @@ def test_non_contiguous_input(backend):
     _assert_same(ops.if_sequence(x), _reference(x.contiguous()))
 
 
+def test_channels_last_input_keeps_its_layout(backend):
+    x = _current(9, 2, 6, 5, 4).permute(0, 1, 4, 2, 3)  # [T, B, C, H, W] lying as [T, B, H, W, C]
+    v_th = torch.rand(4, 1, 1) + 0.3
+    fast = ops.if_sequence(x, v_th=v_th)
+    _assert_same(fast, _reference(x.contiguous(), v_th=v_th))
+    if backend != "torch":
+        assert fast.spikes.permute(0, 1, 3, 4, 2).is_contiguous()
+    second = ops.if_sequence(x, v_th=v_th, v_init=fast.v)  # the carried membrane, same layout
+    _assert_same(second, _reference(x.contiguous(), v_th=v_th, v_init=fast.v))
+
+
 @pytest.mark.parametrize("spike_dtype", [torch.uint8, torch.bool], ids=["uint8", "bool"])
 def test_byte_spikes(backend, spike_dtype):
     x = _current(10, 3, 11)

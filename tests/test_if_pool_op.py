@@ -137,3 +137,37 @@ def test_module_method_carries_state_like_forward(backend):
     assert torch.equal(fused.v, plain.v)
     assert torch.equal(fused.step_spike_counts, plain.step_spike_counts)
     assert torch.equal(fused.neuron_spike_counts, plain.neuron_spike_counts)
+
+
+def _channels_last(T: int, B: int, C: int, H: int, W: int) -> torch.Tensor:
+    """``[T, B, C, H, W]`` whose memory is ``[T, B, H, W, C]`` (a channels-last conv output)."""
+    return _current(T, B, H, W, C).permute(0, 1, 4, 2, 3)
+
+
+@pytest.mark.parametrize("ceil_mode", [False, True], ids=["floor", "ceil"])
+def test_channels_last_input(backend, ceil_mode):
+    x = _channels_last(7, 2, 5, 7, 6)
+    v_th = torch.rand(5, 1, 1) + 0.3
+    fast = ops.if_sequence_pool2x2(x, v_th, scale=0.6, ceil_mode=ceil_mode)
+    _assert_same(fast, _reference(x.contiguous(), v_th, scale=0.6, ceil_mode=ceil_mode))
+    if backend != "torch":  # the kernels keep the layout: no copy in, channels-last out
+        assert fast.spikes.permute(0, 1, 3, 4, 2).is_contiguous()
+        assert fast.v.permute(0, 2, 3, 1).is_contiguous()
+
+
+def test_channels_last_constant_input_and_chunks(backend):
+    current = _channels_last(1, 3, 4, 6, 5)[0]
+    x = current.expand(20, *current.shape)
+    whole = ops.if_sequence_pool2x2(x, 0.7)
+    _assert_same(whole, _reference(x.contiguous(), 0.7))
+    first = ops.if_sequence_pool2x2(x[:8], 0.7)
+    second = ops.if_sequence_pool2x2(x[8:], 0.7, v_init=first.v)  # the carried channels-last membrane
+    assert torch.equal(torch.cat([first.spikes, second.spikes]), whole.spikes)
+    assert torch.equal(second.v, whole.v)
+
+
+def test_layout_the_kernels_cannot_use_in_place_is_copied(backend):
+    x = _current(5, 2, 3, 8, 12)[..., ::2]  # not dense in any order
+    _assert_same(ops.if_sequence_pool2x2(x, 0.5), _reference(x.contiguous(), 0.5))
+    y = _current(5, 2, 6, 4, 3).permute(0, 1, 3, 2, 4)  # dense, but W lies next to C, not to H
+    _assert_same(ops.if_sequence_pool2x2(y, 0.5), _reference(y.contiguous(), 0.5))
