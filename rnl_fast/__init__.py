@@ -2,7 +2,8 @@
 
 The layers: :class:`IFSequence` (multi-step integrate-and-fire, one fused kernel per call) and
 :class:`RateNorm` (fused Rate Norm Layer with the Rate Inference Loss sums). The ops underneath
-are :func:`rnl_fast.ops.if_sequence` and :func:`rnl_fast.ops.rate_norm`; their pure-PyTorch
+are :func:`rnl_fast.ops.if_sequence` (and :func:`~rnl_fast.ops.if_sequence_pool2x2`, IF fused with
+2×2 average pooling) and :func:`rnl_fast.ops.rate_norm`; their pure-PyTorch
 definitions are in :mod:`rnl_fast.reference`. The method on top: :func:`convert` (ANN → SNN,
 :mod:`rnl_fast.conversion`) and :func:`simulate` (accuracy, spikes, K curves per step,
 :mod:`rnl_fast.simulation`); training in :mod:`rnl_fast.train`, the CLI in :mod:`rnl_fast.cli`.
@@ -10,7 +11,7 @@ definitions are in :mod:`rnl_fast.reference`. The method on top: :func:`convert`
 
 from .conversion import ConversionError, convert
 from .nn import IFSequence, RateNorm, rate_inference_loss
-from .ops import backend_for, if_sequence, rate_norm
+from .ops import backend_for, if_sequence, if_sequence_pool2x2, rate_norm
 from .reference import omega
 from .simulation import SimulationResult, SpikingNetwork, simulate
 
@@ -23,6 +24,7 @@ __all__ = [
     "backend_for",
     "convert",
     "if_sequence",
+    "if_sequence_pool2x2",
     "omega",
     "rate_inference_loss",
     "rate_norm",

@@ -263,43 +263,49 @@ class SpikingNetwork(nn.Module):
                 return value.unsqueeze(0).expand(steps, *value.shape).reshape(steps * B, *value.shape[1:])
             return value
 
+        # Each activation is dropped once its last reader has run: a chunk then holds about two
+        # activations at a time instead of all of them.
+        last_reader = {a: node for node in self.graph_module.graph.nodes for a in node.all_input_nodes}
         for node in self.graph_module.graph.nodes:
-            if node.op == "placeholder":
-                values[node.name] = x
-                continue
             if node.op == "output":
                 (result,) = node.args
                 out = values[result.name]
                 if result.name not in dynamic:
                     return out.unsqueeze(0).expand(steps, *out.shape)
                 return out.reshape(steps, B, *out.shape[1:])
-            if node.name in static:
-                values[node.name] = static[node.name]
-                continue
-            inputs = [a for a in node.all_input_nodes]
+            inputs = node.all_input_nodes
             any_dynamic = any(a.name in dynamic for a in inputs)
-            if node.op == "call_module" and isinstance(modules[node.target], SpikingNeurons):
+            if node.op == "placeholder":
+                values[node.name] = x
+            elif node.name in static:
+                values[node.name] = static[node.name]
+            elif node.op == "call_module" and isinstance(modules[node.target], SpikingNeurons):
                 (source,) = node.args
                 if source.name in dynamic:
                     current = values[source.name].reshape(steps, B, *values[source.name].shape[1:])
                 else:  # constant coding: the same current every step, never materialised
                     current = values[source.name].unsqueeze(0).expand(steps, *values[source.name].shape)
                 values[node.name] = modules[node.target](current)
-                dynamic.add(node.name)
-                continue
-            args, kwargs = fx.node.map_arg(node.args, load), fx.node.map_arg(node.kwargs, load)
-            if node.op == "call_module":
-                values[node.name] = modules[node.target](*args, **kwargs)
-            elif node.op == "call_function":
-                values[node.name] = node.target(*args, **kwargs)
-            elif node.op == "call_method":
-                values[node.name] = getattr(args[0], node.target)(*args[1:], **kwargs)
-            elif node.op == "get_attr":
-                values[node.name] = self.graph_module.get_parameter(node.target)
-            if any_dynamic:
+                del current
                 dynamic.add(node.name)
             else:
-                static[node.name] = values[node.name]
+                args, kwargs = fx.node.map_arg(node.args, load), fx.node.map_arg(node.kwargs, load)
+                if node.op == "call_module":
+                    values[node.name] = modules[node.target](*args, **kwargs)
+                elif node.op == "call_function":
+                    values[node.name] = node.target(*args, **kwargs)
+                elif node.op == "call_method":
+                    values[node.name] = getattr(args[0], node.target)(*args[1:], **kwargs)
+                elif node.op == "get_attr":
+                    values[node.name] = self.graph_module.get_parameter(node.target)
+                del args, kwargs
+                if any_dynamic:
+                    dynamic.add(node.name)
+                else:
+                    static[node.name] = values[node.name]
+            for a in inputs:
+                if last_reader[a] is node:
+                    values.pop(a.name)
         raise RuntimeError("the graph has no output node")
 
 
