@@ -47,6 +47,8 @@ os.environ.setdefault("SJ_IF_CUDA_IMPLEMENTATION", "triton")
 
 SCALES = ("full", "small", "tiny")
 IMPLS = ("ours", "clone", "eager", "compile", "spikingjelly")
+#: Impls of the fused IF + 2×2 average pooling group: also ours unfused (IF op, then pooling).
+POOL_IMPLS = ("ours", "ours-unfused", "clone", "eager", "compile", "spikingjelly")
 #: Impls of the end-to-end groups; the ReLU-only ones for the nets whose RNL build is not timed.
 E2E_IMPLS = ("ours", "ours-rnl", "spikingjelly", "ann")
 E2E_RELU_IMPLS = ("ours", "spikingjelly", "ann")
@@ -109,6 +111,9 @@ class Group:
     model: str = ""
     steps: int = 0
     batch: int = 0
+    #: IF groups: the spikes averaged over 2×2 windows (x is [T, planes, H, W]), as a converted
+    #: CNN's "neurons → AvgPool2d(2)"; ours runs the fused op.
+    pool: bool = False
 
 
 GROUPS: tuple[Group, ...] = (
@@ -117,6 +122,8 @@ GROUPS: tuple[Group, ...] = (
     Group("if-fwd-uint8", "IF forward, uint8 spikes", "if", torch.float32, torch.uint8, False, IMPLS[:4]),
     Group("if-fwd-bf16", "IF forward, bf16 in, bf16 spikes", "if", torch.bfloat16, None, False, IMPLS),
     Group("if-fwd-bwd-fp32", "IF forward+backward, fp32", "if", torch.float32, None, True, IMPLS),
+    Group("if-pool-fwd-fp32", "IF forward then 2x2 average pooling of the spikes, fp32", "if", torch.float32,
+          None, False, POOL_IMPLS, pool=True),
     Group("rnl-fwd-bwd-fp32", "Rate Norm forward+backward, loss (r*w).sum() + Omega", "rate_norm",
           torch.float32, None, True, IMPLS[:4]),
     # End to end: a converted network simulated over T steps on a constant input (see the e2e
@@ -133,7 +140,7 @@ GROUPS_BY_NAME = {group.name: group for group in GROUPS}
 def bytes_moved(group: Group, x: Tensor) -> int:
     """Bytes the op must move at the least (the GB/s figures count these).
 
-    - IF forward: read x once, write the spikes once.
+    - IF forward: read x once, write the spikes once; with pooling, write a quarter of them.
     - IF forward+backward: the forward above, then the backward reads x (to recompute the
       membrane) and the spike gradient and writes grad_x.
     - Rate Norm forward+backward: the forward reads x twice (max pass, then output pass) and
@@ -143,7 +150,7 @@ def bytes_moved(group: Group, x: Tensor) -> int:
     if group.op == "rate_norm":
         return 6 * n * x_bytes
     spike_bytes = (group.spike_dtype or group.dtype).itemsize
-    forward = n * (x_bytes + spike_bytes)
+    forward = n * x_bytes + (n // 4 if group.pool else n) * spike_bytes
     return forward + 3 * n * x_bytes if group.backward else forward
 
 
@@ -174,7 +181,8 @@ def _inputs(group_name: str, device: str, sizes: Sizes) -> dict[str, Tensor]:
 
     if group.op == "if":
         # Mean 0.3 per step: most neurons fire now and then (rates near 0.3), as in a converted net.
-        x = (randn((sizes.steps, sizes.neurons)) * 0.5 + 0.3).to(group.dtype)
+        shape = (sizes.steps, *_pool_planes(sizes.neurons)) if group.pool else (sizes.steps, sizes.neurons)
+        x = (randn(shape) * 0.5 + 0.3).to(group.dtype)
         inputs = {"x": x.requires_grad_(group.backward)}
         if group.backward:
             inputs["grad_spikes"] = randn(x.shape).to(group.dtype)
@@ -218,6 +226,32 @@ def _if_spikes_fn(impl: str, spike_dtype: torch.dtype | None) -> Callable[[Tenso
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
 
 
+def _pool_planes(neurons: int) -> tuple[int, int, int]:
+    """The neurons of the pooling group as [planes, H, W]: 32 × 32 planes (odd 7 × 9 ones when tiny)."""
+    return (neurons // 1024, 32, 32) if neurons >= 1024 else (max(1, neurons // 63), 7, 9)
+
+
+def _if_pool_fn(impl: str) -> Callable[[Tensor], Tensor]:
+    """``x [T, P, H, W] → avg_pool2d(spikes, 2) [T, P, H/2, W/2]`` for one impl (v_th = 1, soft reset)."""
+
+    def pool(spikes: Tensor) -> Tensor:
+        return reference.avg_pool2x2(spikes.to(torch.float32) if not spikes.is_floating_point() else spikes)
+
+    if impl == "ours":
+        return lambda x: ops.if_sequence_pool2x2(x).spikes
+    if impl == "ours-unfused":
+        return lambda x: pool(ops.if_sequence(x).spikes)
+    if impl == "eager":
+        return lambda x: reference.if_sequence_pool2x2(x)[0]
+    if impl == "compile":
+        compiled = torch.compile(reference.if_sequence_pool2x2, dynamic=False)
+        return lambda x: compiled(x)[0]
+    if impl == "spikingjelly":
+        node = _spikingjelly_if()
+        return lambda x: pool(node(x))
+    raise ValueError(f"impl must be one of {POOL_IMPLS}, got {impl!r}")
+
+
 def _rnl_loss(rate_norm_fn: Callable, x: Tensor, raw_p: Tensor, running_max: Tensor, weight: Tensor) -> Tensor:
     """A training step's loss through one Rate Norm Layer: ``(r̂·weight).sum() + Ω`` (paper Eq. 8)."""
     r, _, sum_r, sum_r2 = rate_norm_fn(x, raw_p, running_max, RNL_MOMENTUM, True)
@@ -257,7 +291,7 @@ def build_case(group_name: str, impl: str, device: str, scale: str) -> Case:
         run = x_value.clone
         moved = 2 * x_value.nbytes
     elif group.op == "if":
-        spikes_of = _if_spikes_fn(impl, group.spike_dtype)
+        spikes_of = _if_pool_fn(impl) if group.pool else _if_spikes_fn(impl, group.spike_dtype)
         if group.backward:
             grad_spikes = inputs["grad_spikes"]
 

@@ -9,6 +9,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "if_kernel.h"
@@ -99,19 +100,59 @@ inline void pool_row(const uint8_t* __restrict top, const uint8_t* __restrict bo
   }
 }
 
+// NCHW planes with an even W take a faster road than pool_row, in two loops over all the
+// task's row pairs at once (14 or 16 windows per row are too few to fill a vector):
+// add_row_pairs adds the two rows of each pair, 8 bytes per 64-bit word (sums ≤ 2: no carries);
+// windows_to_out then reads a window's two columns as one 16-bit lane, whose bytes add up to the
+// window's count, and the windows of consecutive pairs are consecutive outputs. (Time of the
+// fused op over the IF op with uint8 spikes, cnn7's first layer: 1.94 with pool_row, 1.49.)
+inline void add_row_pairs(const uint8_t* __restrict s, int64_t pairs, int64_t W, uint8_t* __restrict sums) {
+  for (int64_t pp = 0; pp < pairs; ++pp) {
+    const uint8_t* __restrict top = s + 2 * pp * W;
+    uint8_t* __restrict out = sums + pp * W;
+    if (W >= 8) {  // the last word may overlap the one before: it writes the same bytes again
+      for (int64_t j = 0; j < W; j += 8) {
+        const int64_t at = std::min(j, W - 8);
+        uint64_t a, b;
+        std::memcpy(&a, top + at, 8);
+        std::memcpy(&b, top + W + at, 8);
+        a += b;
+        std::memcpy(out + at, &a, 8);
+      }
+    } else {
+      for (int64_t j = 0; j < W; ++j) out[j] = top[j] + top[W + j];
+    }
+  }
+}
+
+template <typename Out, typename Acc>
+inline void windows_to_out(const uint8_t* __restrict sums, int64_t windows, Acc weight, Out* __restrict out) {
+  for (int64_t q = 0; q < windows; ++q) {
+    uint16_t both;
+    std::memcpy(&both, sums + 2 * q, 2);
+    store(out + q, static_cast<Acc>(static_cast<int>((both & 0xFFu) + (both >> 8))) * weight);
+  }
+}
+
 // Averages `steps` scratch rows (one per step: the task's spikes, plane after plane, rows r0..r1)
 // into the pooled output. `out` points at (first step, task.plane, r0 / 2, 0, 0).
 template <typename Out, typename Acc>
 void pool_scratch(const uint8_t* scratch, int64_t scratch_row, int steps, const PoolShape& p, const Tiling& tiling,
-                  const Task& task, Acc scale, Out* out, int64_t out_step) {
+                  const Task& task, Acc scale, uint8_t* pair_sums, Out* out, int64_t out_step) {
   const int64_t out_row = p.out_w() * p.inner, out_plane = p.out_h() * out_row;
   const int64_t i0 = task.r0 / 2, i1 = p.ceil_mode ? (task.r1 + 1) / 2 : task.r1 / 2;
   const int64_t band = (task.r1 - task.r0) * tiling.row;
+  const bool flat = p.inner == 1 && p.W % 2 == 0;
+  const int64_t flat_pairs = flat ? (task.r1 - task.r0) / 2 : 0;  // pairs with both rows in the band
   for (int u = 0; u < steps; ++u) {
     for (int64_t g = 0; g < task.num_planes; ++g) {
       const uint8_t* s = scratch + u * scratch_row + g * band;
       Out* o = out + u * out_step + g * out_plane;
-      for (int64_t i = i0; i < i1; ++i) {
+      if (flat) {
+        add_row_pairs(s, flat_pairs, p.W, pair_sums);
+        windows_to_out(pair_sums, flat_pairs * (p.W / 2), scale * Acc(0.25), o);
+      }
+      for (int64_t i = i0 + flat_pairs; i < i1; ++i) {  // the rest: odd W, channels-last, ceil's last row
         const uint8_t* top = s + (2 * i - task.r0) * tiling.row;
         const uint8_t* bottom = 2 * i + 1 < task.r1 ? top + tiling.row : nullptr;
         pool_row(top, bottom, p, scale, o + (i - i0) * out_row);
@@ -122,8 +163,8 @@ void pool_scratch(const uint8_t* scratch, int64_t scratch_row, int steps, const 
 
 template <bool HARD, typename In, typename Acc>
 void pooled_task(const In* x, const IFShape& shape, const PoolShape& p, const Tiling& tiling, const Task& task,
-                 const Acc* th, Acc v_reset, Acc scale, Acc* v, int32_t* count, uint8_t* scratch, In* pooled,
-                 int64_t* step_counts) {
+                 const Acc* th, Acc v_reset, Acc scale, Acc* v, int32_t* count, uint8_t* scratch, uint8_t* pair_sums,
+                 In* pooled, int64_t* step_counts) {
   const int64_t j0 = (task.plane * p.H + task.r0) * tiling.row;
   const int64_t n = task.num_planes * (task.r1 - task.r0) * tiling.row;
   const int64_t out_plane = p.out_h() * p.out_w() * p.inner, out_step = p.planes * out_plane;
@@ -133,12 +174,12 @@ void pooled_task(const In* x, const IFShape& shape, const PoolShape& p, const Ti
   for (; t + kStepUnroll <= shape.T; t += kStepUnroll) {
     detail::forward_steps<kStepUnroll, HARD>(x + t * x_stride + j0, x_stride, scratch, n, n, th, v_reset, v,
                                              count, step_counts + t);
-    pool_scratch(scratch, n, kStepUnroll, p, tiling, task, scale, out + t * out_step, out_step);
+    pool_scratch(scratch, n, kStepUnroll, p, tiling, task, scale, pair_sums, out + t * out_step, out_step);
   }
   for (; t < shape.T; ++t) {
     detail::forward_steps<1, HARD>(x + t * x_stride + j0, x_stride, scratch, n, n, th, v_reset, v, count,
                                    step_counts + t);
-    pool_scratch(scratch, n, 1, p, tiling, task, scale, out + t * out_step, out_step);
+    pool_scratch(scratch, n, 1, p, tiling, task, scale, pair_sums, out + t * out_step, out_step);
   }
 }
 
@@ -157,6 +198,7 @@ void if_forward_pool2x2(const In* x, IFShape shape, PoolShape pool, NeuronParam<
     std::vector<Acc> v(tiling.max_neurons), th(tiling.max_neurons);
     std::vector<int32_t> count(tiling.max_neurons);
     std::vector<uint8_t> scratch(kStepUnroll * tiling.max_neurons);
+    std::vector<uint8_t> pair_sums(tiling.max_neurons / 2 + 1);  // one plane's row pairs, summed
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < tiling.num_tasks; ++i) {
       const Task task = tiling.task(pool, i);
@@ -165,10 +207,10 @@ void if_forward_pool2x2(const In* x, IFShape shape, PoolShape pool, NeuronParam<
       detail::load_block_state(v_th, v_init, j0, n, th.data(), v.data(), count.data());
       if (reset == Reset::kHard) {
         pooled_task<true>(x, shape, pool, tiling, task, th.data(), v_reset, scale, v.data(), count.data(),
-                          scratch.data(), pooled, my_step_counts.data());
+                          scratch.data(), pair_sums.data(), pooled, my_step_counts.data());
       } else {
         pooled_task<false>(x, shape, pool, tiling, task, th.data(), v_reset, scale, v.data(), count.data(),
-                           scratch.data(), pooled, my_step_counts.data());
+                           scratch.data(), pair_sums.data(), pooled, my_step_counts.data());
       }
       std::copy(v.begin(), v.begin() + n, v_final + j0);
       std::copy(count.begin(), count.begin() + n, neuron_counts + j0);

@@ -37,6 +37,9 @@ SHAPES = [
     pytest.param((3, 2, 1, 2, 2), id="one-window"),
     pytest.param((17, 1, 2, 28, 28), id="mnist-plane-T17"),
     pytest.param((4, 1, 2, 67, 65), id="planes-over-4096-split-in-row-bands"),
+    pytest.param((4, 1, 2, 69, 64), id="row-bands-even-W-odd-H"),
+    pytest.param((6, 2, 3, 6, 4), id="W4-narrower-than-a-word"),
+    pytest.param((6, 2, 3, 5, 10), id="W10-overlapping-words"),
 ]
 
 
