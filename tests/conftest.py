@@ -41,3 +41,27 @@ def pytest_report_header(config) -> str:
 @pytest.fixture(autouse=True)
 def _seed(request) -> None:
     torch.manual_seed(SEED + sum(map(ord, request.node.nodeid)))
+
+
+@pytest.fixture
+def poisoned_allocations(monkeypatch):
+    """A context manager: inside it, ``torch.empty``/``empty_like`` return tensors filled with NaN
+    (floats) or 77 (integers), so that an output element the kernel forgot to write shows."""
+    import contextlib
+
+    real = {"empty": torch.empty, "empty_like": torch.empty_like}
+
+    def poison(t: torch.Tensor) -> torch.Tensor:
+        return t.fill_(float("nan") if t.is_floating_point() else 77)
+
+    @contextlib.contextmanager
+    def poisoned():
+        for name, fn in real.items():
+            monkeypatch.setattr(torch, name, lambda *a, _fn=fn, **k: poison(_fn(*a, **k)))
+        try:
+            yield
+        finally:
+            for name, fn in real.items():
+                monkeypatch.setattr(torch, name, fn)
+
+    return poisoned

@@ -144,18 +144,11 @@ def test_nan_membrane_carries_over_chunks(backend):
     assert torch.isnan(second.v[1])
 
 
-def test_outputs_are_fully_written(backend, monkeypatch):
+def test_outputs_are_fully_written(backend, poisoned_allocations):
     """Every output element comes from the kernel: allocations are poisoned before it runs."""
-    real_empty = torch.empty
-
-    def poisoned_empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        return t.fill_(float("nan") if t.is_floating_point() else 77)
-
-    monkeypatch.setattr(torch, "empty", poisoned_empty)
     x = _current(9, 3, 41)
-    out = ops.if_sequence(x, v_th=0.8)
-    monkeypatch.setattr(torch, "empty", real_empty)
+    with poisoned_allocations():
+        out = ops.if_sequence(x, v_th=0.8)
     _assert_same(out, _reference(x, v_th=0.8))
 
 
