@@ -74,9 +74,10 @@ void py_if_forward(uintptr_t x, int64_t x_len, int dtype, int64_t T, int64_t N, 
   const IFShape shape{T, N, t_stride};
   check_if_shape(shape, x_len);
   require(spikes_len >= T * N, "spikes must hold T*N elements");
-  require(v_final_len >= N && neuron_counts_len >= N, "v_final and neuron_counts need N elements");
+  require(v_final_len >= N, "v_final needs N elements");
+  require(!neuron_counts || neuron_counts_len >= N, "neuron_counts needs N elements (or a null pointer)");
   require(step_counts_len >= T, "step_counts needs T elements");
-  require(x && spikes && v_final && step_counts && neuron_counts, "null output pointer");
+  require(x && spikes && v_final && step_counts, "null output pointer");
   require(reset == 0 || reset == 1, "reset must be 0 (soft) or 1 (hard)");
   require(spike_dtype == dtype || spike_dtype == static_cast<int>(DType::kUInt8),
           "spikes must be in the dtype of x or uint8");
@@ -192,9 +193,10 @@ void py_if_forward_pool2x2(uintptr_t x, int64_t x_len, int dtype, int64_t T, int
   require(pool.out_h() >= 1 && pool.out_w() >= 1, "the planes are too small for a 2x2 window");
   require(pooled && pooled_len >= T * planes * pool.out_h() * pool.out_w() * inner,
           "pooled must hold T*planes*out_h*out_w*inner elements");
-  require(v_final_len >= N && neuron_counts_len >= N, "v_final and neuron_counts need N elements");
+  require(v_final_len >= N, "v_final needs N elements");
+  require(!neuron_counts || neuron_counts_len >= N, "neuron_counts needs N elements (or a null pointer)");
   require(step_counts_len >= T, "step_counts needs T elements");
-  require(x && v_final && step_counts && neuron_counts, "null pointer");
+  require(x && v_final && step_counts, "null pointer");
   require(reset == 0 || reset == 1, "reset must be 0 (soft) or 1 (hard)");
   by_dtype(dtype, [&](auto* tag, auto acc) {
     using In = std::remove_pointer_t<decltype(tag)>;

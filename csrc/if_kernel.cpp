@@ -78,7 +78,7 @@ void if_forward(const In* x, IFShape shape, NeuronParam<Acc> v_th, NeuronParam<A
         forward_block<false>(x, shape, j0, n, th.data(), v_reset, v.data(), count.data(), spikes, my_step_counts.data());
       }
       std::copy(v.begin(), v.begin() + n, v_final + j0);
-      std::copy(count.begin(), count.begin() + n, neuron_counts + j0);
+      if (neuron_counts) std::copy(count.begin(), count.begin() + n, neuron_counts + j0);
     }
 #pragma omp critical
     for (int64_t t = 0; t < shape.T; ++t) step_counts[t] += my_step_counts[t];

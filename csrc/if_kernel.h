@@ -27,7 +27,7 @@ struct IFShape {
 };
 
 // Runs all T steps. Writes spikes [T, N], the final membrane [N], spikes per step [T]
-// (summed over neurons) and spikes per neuron [N] (summed over steps).
+// (summed over neurons) and, unless neuron_counts is null, spikes per neuron [N] (over steps).
 template <typename In, typename Out, typename Acc>
 void if_forward(const In* x, IFShape shape, NeuronParam<Acc> v_th, NeuronParam<Acc> v_init,
                 Acc v_reset, Reset reset, Out* spikes, Acc* v_final, int64_t* step_counts,

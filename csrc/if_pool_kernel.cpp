@@ -213,7 +213,7 @@ void if_forward_pool2x2(const In* x, IFShape shape, PoolShape pool, NeuronParam<
                            scratch.data(), pair_sums.data(), pooled, my_step_counts.data());
       }
       std::copy(v.begin(), v.begin() + n, v_final + j0);
-      std::copy(count.begin(), count.begin() + n, neuron_counts + j0);
+      if (neuron_counts) std::copy(count.begin(), count.begin() + n, neuron_counts + j0);
     }
 #pragma omp critical
     for (int64_t t = 0; t < shape.T; ++t) step_counts[t] += my_step_counts[t];

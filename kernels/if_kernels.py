@@ -102,7 +102,7 @@ def _if_fwd_kernel(
     spikes_ptr,  # [T, N] contiguous out: 0/1 in any float dtype or uint8 (bool viewed as uint8)
     v_final_ptr,  # [N] out: membrane after step T−1; its dtype is the compute dtype
     step_counts_ptr,  # [T] int64, zero-filled: each program adds its spike count per step
-    neuron_counts_ptr,  # [N] int32 out: spikes per neuron over all T steps
+    neuron_counts_ptr,  # [N] int32 out: spikes per neuron over all T steps (if COUNT_NEURONS)
     T,  # number of time steps
     N,  # number of neurons
     x_time_stride,  # elements between x[t] and x[t+1]: N, or 0 for an expanded constant input
@@ -111,6 +111,7 @@ def _if_fwd_kernel(
     V_INIT_PER_NEURON: tl.constexpr,  # v_init has N elements (else one for all neurons)
     HARD_RESET: tl.constexpr,  # hard reset to V_RESET instead of soft reset by subtraction
     V_RESET: tl.constexpr,  # hard-reset potential
+    COUNT_NEURONS: tl.constexpr,  # write neuron_counts (else it is not touched)
     BLOCK: tl.constexpr,  # neurons per program
 ):
     compute_dtype = v_final_ptr.dtype.element_ty
@@ -140,7 +141,8 @@ def _if_fwd_kernel(
         spike_ptrs += N
 
     tl.store(v_final_ptr + neurons, v, mask=in_range)
-    tl.store(neuron_counts_ptr + neurons, neuron_spike_count, mask=in_range)
+    if COUNT_NEURONS:
+        tl.store(neuron_counts_ptr + neurons, neuron_spike_count, mask=in_range)
 
 
 @triton.autotune(configs=block_configs(), key=["size_class"])
@@ -252,7 +254,7 @@ def if_fwd(
     spikes: torch.Tensor,
     v_final: torch.Tensor,
     step_counts: torch.Tensor,
-    neuron_counts: torch.Tensor,
+    neuron_counts: torch.Tensor | None,
 ) -> None:
     """Runs T steps of IF neurons; writes into the caller's output tensors (rnl_fast/ops.py validates).
 
@@ -266,7 +268,7 @@ def if_fwd(
         spikes: ``[T, N]`` contiguous out, 0/1 in float32/float16/bfloat16/float64/uint8/bool.
         v_final: ``[N]`` out, compute dtype.
         step_counts: ``[T]`` int64 out, spikes per step summed over neurons.
-        neuron_counts: ``[N]`` int32 out, spikes per neuron summed over steps.
+        neuron_counts: ``[N]`` int32 out, spikes per neuron summed over steps; None: not counted.
     """
     T, N = x.shape
     step_counts.zero_()  # the kernel accumulates into it with atomics
@@ -278,7 +280,7 @@ def if_fwd(
         _spike_storage(spikes),
         v_final,
         step_counts,
-        neuron_counts,
+        neuron_counts if neuron_counts is not None else step_counts,  # placeholder, never written
         T,
         N,
         x.stride(0),
@@ -288,6 +290,7 @@ def if_fwd(
         HARD_RESET=hard_reset,
         # A fixed value for soft reset, so that v_reset does not trigger a recompile there.
         V_RESET=float(v_reset) if hard_reset else 0.0,
+        COUNT_NEURONS=neuron_counts is not None,
     )
 
 

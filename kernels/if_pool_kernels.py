@@ -52,7 +52,7 @@ def _if_fwd_pool_kernel(
     pooled_ptr,  # [T, planes, OH, OW, inner] contiguous out, x's dtype
     v_final_ptr,  # [N] out: membrane after step T−1, compute dtype
     step_counts_ptr,  # [T] int64, zero-filled: each program adds its spike count per step
-    neuron_counts_ptr,  # [N] int32 out: spikes per neuron over all T steps
+    neuron_counts_ptr,  # [N] int32 out: spikes per neuron over all T steps (if COUNT_NEURONS)
     T,  # number of time steps
     H,  # plane height
     W,  # plane width
@@ -69,6 +69,7 @@ def _if_fwd_pool_kernel(
     V_INIT_PER_NEURON: tl.constexpr,  # v_init has N elements (else one for all neurons)
     HARD_RESET: tl.constexpr,  # hard reset to V_RESET instead of soft reset by subtraction
     V_RESET: tl.constexpr,  # hard-reset potential
+    COUNT_NEURONS: tl.constexpr,  # write neuron_counts (else it is not touched)
     BLOCK: tl.constexpr,  # quads per program
 ):
     compute_dtype = v_final_ptr.dtype.element_ty
@@ -128,10 +129,11 @@ def _if_fwd_pool_kernel(
     tl.store(v_final_ptr + n00 + right, v01, mask=m01)
     tl.store(v_final_ptr + n00 + below, v10, mask=m10)
     tl.store(v_final_ptr + n00 + below + right, v11, mask=m11)
-    tl.store(neuron_counts_ptr + n00, c00, mask=m00)
-    tl.store(neuron_counts_ptr + n00 + right, c01, mask=m01)
-    tl.store(neuron_counts_ptr + n00 + below, c10, mask=m10)
-    tl.store(neuron_counts_ptr + n00 + below + right, c11, mask=m11)
+    if COUNT_NEURONS:
+        tl.store(neuron_counts_ptr + n00, c00, mask=m00)
+        tl.store(neuron_counts_ptr + n00 + right, c01, mask=m01)
+        tl.store(neuron_counts_ptr + n00 + below, c10, mask=m10)
+        tl.store(neuron_counts_ptr + n00 + below + right, c11, mask=m11)
 
 
 def _grid(num_quads: int) -> Callable[[dict], tuple[int]]:
@@ -153,7 +155,7 @@ def if_fwd_pool2x2(
     pooled: torch.Tensor,
     v_final: torch.Tensor,
     step_counts: torch.Tensor,
-    neuron_counts: torch.Tensor,
+    neuron_counts: torch.Tensor | None,
 ) -> None:
     """T steps of IF neurons with their spikes averaged over 2×2 windows; writes the caller's outputs.
 
@@ -164,7 +166,7 @@ def if_fwd_pool2x2(
         v_th, v_init, v_reset, hard_reset: as in :func:`rnl_fast.kernels.if_fwd`.
         scale: factor of every pooled value.
         pooled: ``[T, planes·OH·OW·inner]`` contiguous out, ``x.dtype``.
-        v_final, step_counts, neuron_counts: as in :func:`rnl_fast.kernels.if_fwd`.
+        v_final, step_counts, neuron_counts: as in :func:`rnl_fast.kernels.if_fwd` (None: not counted).
     """
     T, _N = x.shape
     planes, H, W, inner = geometry
@@ -174,10 +176,12 @@ def if_fwd_pool2x2(
     step_counts.zero_()  # the kernel accumulates into it with atomics
     scale_t = torch.tensor(scale, dtype=v_final.dtype, device=x.device)
     _if_fwd_pool_kernel[_grid(num_quads)](
-        x, v_th, v_init, scale_t, pooled, v_final, step_counts, neuron_counts,
+        x, v_th, v_init, scale_t, pooled, v_final, step_counts,
+        neuron_counts if neuron_counts is not None else step_counts,  # placeholder, never written
         T, H, W, inner, OH, OW, QH, QW, num_quads, planes * OH * OW * inner, x.stride(0), size_class(num_quads),
         V_TH_PER_NEURON=v_th.numel() != 1,
         V_INIT_PER_NEURON=v_init.numel() != 1,
         HARD_RESET=hard_reset,
         V_RESET=float(v_reset) if hard_reset else 0.0,
+        COUNT_NEURONS=neuron_counts is not None,
     )  # fmt: skip

@@ -40,6 +40,8 @@ class IFSequence(nn.Module):
         surrogate, width: surrogate gradient (:func:`rnl_fast.reference.surrogate_grad`).
         detach_reset: no gradient through the reset.
         spike_dtype: None (the input's dtype), ``torch.uint8`` or ``torch.bool`` for inference.
+        count_neurons: keep ``neuron_spike_counts`` (False: it stays None and the kernels skip
+            the per-neuron counts; the step counts, all the energy model needs, are kept).
     """
 
     def __init__(
@@ -51,6 +53,7 @@ class IFSequence(nn.Module):
         width: float = 1.0,
         detach_reset: bool = False,
         spike_dtype: torch.dtype | None = None,
+        count_neurons: bool = True,
     ) -> None:
         super().__init__()
         if surrogate not in SURROGATES:
@@ -67,6 +70,7 @@ class IFSequence(nn.Module):
         self.width = width
         self.detach_reset = detach_reset
         self.spike_dtype = spike_dtype
+        self.count_neurons = count_neurons
         self.v: Tensor | None = None
         self.step_spike_counts: Tensor | None = None
         self._neuron_counts: Tensor | None = None
@@ -92,6 +96,7 @@ class IFSequence(nn.Module):
             width=self.width,
             detach_reset=self.detach_reset,
             spike_dtype=self.spike_dtype,
+            count_neurons=self.count_neurons,
         )
         return self._carry(result)
 
@@ -107,6 +112,7 @@ class IFSequence(nn.Module):
             v_reset=self.v_reset,
             scale=scale,
             ceil_mode=ceil_mode,
+            count_neurons=self.count_neurons,
         )
         return self._carry(result)
 
@@ -129,9 +135,10 @@ class IFSequence(nn.Module):
             self._neuron_counts = result.neuron_counts  # int32, the op's own fresh tensor
         else:
             self.step_spike_counts = torch.cat([self.step_spike_counts, result.step_counts])
-            # In place and in int32 (a neuron spikes at most once a step): a new int64 sum per
-            # chunk cost 8% of a cnn7 simulation (12 bytes per neuron instead of 28, no page faults).
-            self._neuron_counts.add_(result.neuron_counts)
+            if self._neuron_counts is not None:
+                # In place and in int32 (a neuron spikes at most once a step): a new int64 sum per
+                # chunk cost 8% of a cnn7 simulation (12 bytes per neuron instead of 28, no page faults).
+                self._neuron_counts.add_(result.neuron_counts)
         return result.spikes
 
     @property

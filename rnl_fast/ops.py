@@ -217,7 +217,7 @@ class IFResult(NamedTuple):
     spikes: Tensor  #: ``[T, *]`` 0/1 in ``spike_dtype``
     v: Tensor  #: ``[*]`` final membrane, float32 (float64 for float64 x)
     step_counts: Tensor  #: ``[T]`` int64, spikes per step summed over all neurons
-    neuron_counts: Tensor  #: ``[*]`` int32, spikes per neuron summed over the T steps
+    neuron_counts: Tensor | None  #: ``[*]`` int32, spikes per neuron over the T steps (None: not counted)
 
 
 class RateNormResult(NamedTuple):
@@ -227,6 +227,23 @@ class RateNormResult(NamedTuple):
     running_max: Tensor  #: ``[]`` float32, the running max θ was computed from
     sum_r: Tensor  #: ``[]`` Σr̂ over all elements (float32, float64 for float64 x)
     sum_r2: Tensor  #: ``[]`` Σr̂² over all elements
+
+
+def _new_neuron_counts(N: int, count_neurons: bool, device: torch.device, like: Tensor | None = None) -> Tensor:
+    """The ``[N]`` int32 buffer the kernels fill, or an empty one when the counts are not wanted
+    (``like``: make it with ``like.new_empty``, as fake kernels must)."""
+    shape = (N if count_neurons else 0,)
+    return like.new_empty(shape, dtype=torch.int32) if like is not None else torch.empty(shape, dtype=torch.int32, device=device)
+
+
+def _neuron_counts_view(counts: Tensor, neuron_shape: torch.Size, order: tuple[int, ...]) -> Tensor:
+    """The counts with the neuron shape in logical order; an empty buffer (not counted) as it is."""
+    return _logical(counts.view(neuron_shape), order) if counts.numel() else counts
+
+
+def _if_result(outputs: tuple[Tensor, ...], count_neurons: bool) -> IFResult:
+    spikes, v, step_counts, neuron_counts = outputs
+    return IFResult(spikes, v, step_counts, neuron_counts if count_neurons else None)
 
 
 # ─── op 1: multi-step integrate-and-fire ──────────────────────────────────────────────────────
@@ -243,6 +260,7 @@ def _if_forward(
     width: float,
     detach_reset: bool,
     spike_dtype: torch.dtype,
+    count_neurons: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     T = x.shape[0]
     order = _neuron_order(x)
@@ -255,37 +273,38 @@ def _if_forward(
     spikes = torch.empty((T, N), dtype=spike_dtype, device=x.device)
     v_final = torch.empty(N, dtype=cdt, device=x.device)
     step_counts = torch.empty(T, dtype=torch.int64, device=x.device)
-    neuron_counts = torch.empty(N, dtype=torch.int32, device=x.device)
+    neuron_counts = _new_neuron_counts(N, count_neurons, x.device)
     spike_store = spikes.view(torch.uint8) if spike_dtype == torch.bool else spikes
     if backend_for(x) == "triton":
         _triton(x.device.type == "cpu").if_fwd(
-            x2, v_th.reshape(-1), v_init.reshape(-1), v_reset, hard_reset, spike_store, v_final, step_counts, neuron_counts
-        )
+            x2, v_th.reshape(-1), v_init.reshape(-1), v_reset, hard_reset, spike_store, v_final, step_counts,
+            neuron_counts if count_neurons else None,
+        )  # fmt: skip
     else:
         _cpp().if_forward(
             x2.data_ptr(), x2[0].numel() + (T - 1) * x2.stride(0), _code(x.dtype), T, N, x2.stride(0),
             v_th.data_ptr(), v_th.numel(), v_init.data_ptr(), v_init.numel(), v_reset, int(hard_reset),
             spike_store.data_ptr(), spike_store.numel(), _code(spike_store.dtype),
             v_final.data_ptr(), v_final.numel(), step_counts.data_ptr(), step_counts.numel(),
-            neuron_counts.data_ptr(), neuron_counts.numel(), _threads(),
+            neuron_counts.data_ptr() if count_neurons else 0, neuron_counts.numel(), _threads(),
         )  # fmt: skip
     return (
         _logical(spikes.view(T, *neuron_shape), order, lead=1),
         _logical(v_final.view(neuron_shape), order),
         step_counts,
-        _logical(neuron_counts.view(neuron_shape), order),
+        _neuron_counts_view(neuron_counts, neuron_shape, order),
     )
 
 
 @_if_forward.register_fake
-def _(x, v_th, v_init, v_reset, hard_reset, surrogate, width, detach_reset, spike_dtype):
+def _(x, v_th, v_init, v_reset, hard_reset, surrogate, width, detach_reset, spike_dtype, count_neurons):
     order = _neuron_order(x)
     neuron_shape = _in_order(x, order, lead=1).shape[1:]
     return (
         _logical(x.new_empty((x.shape[0], *neuron_shape), dtype=spike_dtype), order, lead=1),
         _logical(x.new_empty(neuron_shape, dtype=compute_dtype_of(x.dtype)), order),
         x.new_empty(x.shape[:1], dtype=torch.int64),
-        _logical(x.new_empty(neuron_shape, dtype=torch.int32), order),
+        _neuron_counts_view(_new_neuron_counts(math.prod(neuron_shape), count_neurons, x.device, x), neuron_shape, order),
     )
 
 
@@ -332,7 +351,7 @@ def _(grad_spikes, grad_v_final, x, v_th, v_init, v_reset, hard_reset, surrogate
 
 
 def _if_setup_context(ctx, inputs, output) -> None:
-    x, v_th, v_init, v_reset, hard_reset, surrogate, width, detach_reset, _ = inputs
+    x, v_th, v_init, v_reset, hard_reset, surrogate, width, detach_reset, _, _ = inputs
     ctx.save_for_backward(x, v_th, v_init)  # x only: the backward recomputes the membrane
     ctx.set_materialize_grads(False)  # unused outputs (membrane, counts) cost no zero-filled [T, N]
     ctx.options = (v_reset, hard_reset, surrogate, width, detach_reset)
@@ -344,11 +363,11 @@ def _if_autograd_backward(ctx, grad_spikes, grad_v_final, _grad_steps, _grad_neu
     if grad_spikes is not None and not grad_spikes.is_floating_point():
         grad_spikes = None  # uint8/bool spikes carry no gradient
     if grad_spikes is None and grad_v_final is None:
-        return None, None, None, None, None, None, None, None, None
+        return None, None, None, None, None, None, None, None, None, None
     grad_x, grad_v_init = _if_backward(grad_spikes, grad_v_final, x, v_th, v_init, *ctx.options)
     if ctx.v_init_shape != grad_v_init.shape:  # a scalar initial membrane: sum over neurons
         grad_v_init = grad_v_init.sum().reshape(ctx.v_init_shape)
-    return grad_x, None, grad_v_init, None, None, None, None, None, None
+    return grad_x, None, grad_v_init, None, None, None, None, None, None, None
 
 
 _if_forward.register_autograd(_if_autograd_backward, setup_context=_if_setup_context)
@@ -363,6 +382,7 @@ def if_sequence(
     width: float = 1.0,
     detach_reset: bool = False,
     spike_dtype: torch.dtype | None = None,
+    count_neurons: bool = True,
 ) -> IFResult:
     """Integrate-and-fire neurons over all T steps in one fused kernel (paper Eq. 3).
 
@@ -386,6 +406,8 @@ def if_sequence(
         detach_reset: no gradient through the reset term.
         spike_dtype: ``None`` (= ``x.dtype``), ``x.dtype``, ``torch.uint8`` or ``torch.bool``;
             byte spikes cut the bytes written for inference and carry no gradient.
+        count_neurons: also return the spikes per neuron (else ``neuron_counts`` is None and
+            the kernels skip writing them: a simulator needs only the counts per step).
 
     Memory saved for backward: only the input x (by reference, no copy) and the per-neuron
     initial membrane; the backward pass recomputes the membrane. SpikingJelly's IF node saves the
@@ -404,13 +426,14 @@ def if_sequence(
     v_init_t = _neuron_param("v_init", v_init, x, positive=False)
     backend = backend_for(x)
     if backend == "torch":
-        return IFResult(*reference.if_sequence(x, v_th_t, v_init_t, v_reset, surrogate, width, detach_reset, spike_dtype))
-    hard = v_reset is not None
-    return IFResult(
-        *_if_forward(
-            x, v_th_t, v_init_t, float(v_reset or 0.0), hard, surrogate, float(width), detach_reset, spike_dtype
-        )
-    )
+        result = reference.if_sequence(x, v_th_t, v_init_t, v_reset, surrogate, width, detach_reset, spike_dtype)
+    else:
+        hard = v_reset is not None
+        result = _if_forward(
+            x, v_th_t, v_init_t, float(v_reset or 0.0), hard, surrogate, float(width), detach_reset, spike_dtype,
+            bool(count_neurons),
+        )  # fmt: skip
+    return _if_result(result, count_neurons)
 
 
 # ─── op 1b: integrate-and-fire fused with 2×2 average pooling (inference) ─────────────────────
@@ -422,7 +445,14 @@ def _pool_out_size(size: int, ceil_mode: bool) -> int:
 
 @torch.library.custom_op("rnl_fast::if_pool_forward", mutates_args=())
 def _if_pool_forward(
-    x: Tensor, v_th: Tensor, v_init: Tensor, v_reset: float, hard_reset: bool, scale: float, ceil_mode: bool
+    x: Tensor,
+    v_th: Tensor,
+    v_init: Tensor,
+    v_reset: float,
+    hard_reset: bool,
+    scale: float,
+    ceil_mode: bool,
+    count_neurons: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     T = x.shape[0]
     order = _neuron_order(x, pool_dims=True)
@@ -436,11 +466,11 @@ def _if_pool_forward(
     pooled = torch.empty((T, planes * OH * OW * inner), dtype=x.dtype, device=x.device)
     v_final = torch.empty(N, dtype=cdt, device=x.device)
     step_counts = torch.empty(T, dtype=torch.int64, device=x.device)
-    neuron_counts = torch.empty(N, dtype=torch.int32, device=x.device)
+    neuron_counts = _new_neuron_counts(N, count_neurons, x.device)
     if backend_for(x) == "triton":
         _triton(x.device.type == "cpu").if_fwd_pool2x2(
             x2, (planes, H, W, inner), ceil_mode, v_th.reshape(-1), v_init.reshape(-1), v_reset, hard_reset, scale,
-            pooled, v_final, step_counts, neuron_counts,
+            pooled, v_final, step_counts, neuron_counts if count_neurons else None,
         )  # fmt: skip
     else:
         _cpp().if_forward_pool2x2(
@@ -448,13 +478,13 @@ def _if_pool_forward(
             planes, H, W, inner, ceil_mode, v_th.data_ptr(), v_th.numel(), v_init.data_ptr(), v_init.numel(),
             v_reset, int(hard_reset), scale, pooled.data_ptr(), pooled.numel(),
             v_final.data_ptr(), v_final.numel(), step_counts.data_ptr(), step_counts.numel(),
-            neuron_counts.data_ptr(), neuron_counts.numel(), _threads(),
+            neuron_counts.data_ptr() if count_neurons else 0, neuron_counts.numel(), _threads(),
         )  # fmt: skip
     return (
         _logical(pooled.view(T, *pooled_shape), order, lead=1),
         _logical(v_final.view(neuron_shape), order),
         step_counts,
-        _logical(neuron_counts.view(neuron_shape), order),
+        _neuron_counts_view(neuron_counts, neuron_shape, order),
     )
 
 
@@ -473,14 +503,14 @@ def _pool_geometry(x: Tensor, order: tuple[int, ...], ceil_mode: bool):
 
 
 @_if_pool_forward.register_fake
-def _(x, v_th, v_init, v_reset, hard_reset, scale, ceil_mode):
+def _(x, v_th, v_init, v_reset, hard_reset, scale, ceil_mode, count_neurons):
     order = _neuron_order(x, pool_dims=True)
     neuron_shape, pooled_shape, _ = _pool_geometry(x, order, ceil_mode)
     return (
         _logical(x.new_empty((x.shape[0], *pooled_shape)), order, lead=1),
         _logical(x.new_empty(neuron_shape, dtype=compute_dtype_of(x.dtype)), order),
         x.new_empty((x.shape[0],), dtype=torch.int64),
-        _logical(x.new_empty(neuron_shape, dtype=torch.int32), order),
+        _neuron_counts_view(_new_neuron_counts(math.prod(neuron_shape), count_neurons, x.device, x), neuron_shape, order),
     )
 
 
@@ -491,6 +521,7 @@ def if_sequence_pool2x2(
     v_reset: float | None = None,
     scale: float = 1.0,
     ceil_mode: bool = False,
+    count_neurons: bool = True,
 ) -> IFResult:
     """IF neurons (as :func:`if_sequence`) whose spikes are averaged over 2×2 windows, in one kernel.
 
@@ -510,6 +541,7 @@ def if_sequence_pool2x2(
         v_th, v_init, v_reset: as in :func:`if_sequence`.
         scale: finite float multiplying every pooled value (a converted layer's spike weight λ).
         ceil_mode: as ``nn.AvgPool2d``: keep windows overhanging an odd last row or column.
+        count_neurons: as in :func:`if_sequence`.
     """
     x = _check_if_input(x)
     if x.dim() < 3:
@@ -528,9 +560,13 @@ def if_sequence_pool2x2(
     v_th_t = _neuron_param("v_th", v_th, x, positive=True)
     v_init_t = _neuron_param("v_init", v_init, x, positive=False)
     if backend_for(x) == "torch":
-        return IFResult(*reference.if_sequence_pool2x2(x, v_th_t, v_init_t, v_reset, float(scale), bool(ceil_mode)))
-    hard = v_reset is not None
-    return IFResult(*_if_pool_forward(x, v_th_t, v_init_t, float(v_reset or 0.0), hard, float(scale), bool(ceil_mode)))
+        result = reference.if_sequence_pool2x2(x, v_th_t, v_init_t, v_reset, float(scale), bool(ceil_mode))
+    else:
+        hard = v_reset is not None
+        result = _if_pool_forward(
+            x, v_th_t, v_init_t, float(v_reset or 0.0), hard, float(scale), bool(ceil_mode), bool(count_neurons)
+        )
+    return _if_result(result, count_neurons)
 
 
 # ─── op 2: Rate Norm Layer ────────────────────────────────────────────────────────────────────

@@ -93,7 +93,9 @@ class SpikingNeurons(nn.Module):
 
     def __init__(self, threshold: float, spike_weight: float, spike_dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.neurons = IFSequence(v_threshold=threshold, spike_dtype=spike_dtype)
+        # Spikes per neuron are not kept: simulate() needs the totals per step only, and the
+        # per-neuron counts cost a write and an accumulation of the largest layer every chunk.
+        self.neurons = IFSequence(v_threshold=threshold, spike_dtype=spike_dtype, count_neurons=False)
         self.spike_weight = spike_weight
         #: The 2×2 average pooling fused into this layer, or None.
         self.fused_pool: nn.AvgPool2d | None = None

@@ -13,12 +13,14 @@ import rnl_fast.ops  # noqa: F401  (registers the ops)
 def _if_args(requires_grad: bool):
     x = (torch.randn(6, 3, 5) * 0.8 + 0.3).requires_grad_(requires_grad)
     v_th, v_init = torch.tensor(0.7), (torch.randn(3, 5) * 0.1).requires_grad_(requires_grad)
-    return (x, v_th, v_init, 0.0, False, "atan", 1.0, False, torch.float32)
+    return (x, v_th, v_init, 0.0, False, "atan", 1.0, False, torch.float32, True)
 
 
 @pytest.mark.parametrize("requires_grad", [False, True], ids=["no-grad", "grad"])
-def test_opcheck_if(requires_grad):
-    torch.library.opcheck(torch.ops.rnl_fast.if_forward.default, _if_args(requires_grad))
+@pytest.mark.parametrize("count_neurons", [True, False], ids=["counts", "no-counts"])
+def test_opcheck_if(requires_grad, count_neurons):
+    args = _if_args(requires_grad)[:-1] + (count_neurons,)
+    torch.library.opcheck(torch.ops.rnl_fast.if_forward.default, args)
 
 
 def test_opcheck_if_backward():
@@ -37,14 +39,15 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
 def test_opcheck_if_pool(ceil_mode, layout):
     x = torch.randn(6, 2, 3, 5, 7) * 0.8 + 0.3
     x = _channels_last(x) if layout == "channels-last" else x
-    args = (x, torch.tensor(0.7), torch.randn(2, 3, 5, 7) * 0.1, 0.0, False, 0.5, ceil_mode)
+    args = (x, torch.tensor(0.7), torch.randn(2, 3, 5, 7) * 0.1, 0.0, False, 0.5, ceil_mode, layout == "nchw")
     torch.library.opcheck(torch.ops.rnl_fast.if_pool_forward.default, args)
 
 
 def test_opcheck_if_channels_last():
     x = _channels_last(torch.randn(6, 2, 3, 5, 7) * 0.8 + 0.3)
     torch.library.opcheck(
-        torch.ops.rnl_fast.if_forward.default, (x, torch.tensor(0.7), torch.tensor(0.0), 0.0, False, "atan", 1.0, False, torch.float32)
+        torch.ops.rnl_fast.if_forward.default,
+        (x, torch.tensor(0.7), torch.tensor(0.0), 0.0, False, "atan", 1.0, False, torch.float32, True),
     )
 
 

@@ -110,6 +110,15 @@ def test_counts_are_sums_of_spikes(backend):
     assert out.step_counts.dtype == torch.int64 and out.neuron_counts.dtype == torch.int32
 
 
+def test_neuron_counts_can_be_skipped(backend):
+    x = _current(12, 3, 17)
+    full = ops.if_sequence(x, v_th=0.7)
+    lean = ops.if_sequence(x, v_th=0.7, count_neurons=False)
+    assert lean.neuron_counts is None
+    assert torch.equal(lean.spikes, full.spikes) and torch.equal(lean.v, full.v)
+    assert torch.equal(lean.step_counts, full.step_counts)
+
+
 def test_chunked_calls_equal_one_call(backend):
     x = _current(30, 4, 5)
     whole = ops.if_sequence(x, v_th=0.7)

@@ -167,3 +167,17 @@ def test_layout_the_kernels_cannot_use_in_place_is_copied(backend):
     _assert_same(ops.if_sequence_pool2x2(x, 0.5), _reference(x.contiguous(), 0.5))
     y = _current(5, 2, 6, 4, 3).permute(0, 1, 3, 2, 4)  # dense, but W lies next to C, not to H
     _assert_same(ops.if_sequence_pool2x2(y, 0.5), _reference(y.contiguous(), 0.5))
+
+
+def test_neuron_counts_can_be_skipped(backend):
+    x = _current(9, 2, 3, 6, 8)
+    full = ops.if_sequence_pool2x2(x, 0.6)
+    lean = ops.if_sequence_pool2x2(x, 0.6, count_neurons=False)
+    assert lean.neuron_counts is None
+    for name in ("spikes", "v", "step_counts"):
+        assert torch.equal(getattr(lean, name), getattr(full, name)), name
+    module = rnl_fast.IFSequence(v_threshold=0.6, count_neurons=False)
+    module.forward_pool2x2(x[:4])
+    module.forward_pool2x2(x[4:])
+    assert module.neuron_spike_counts is None
+    assert torch.equal(module.step_spike_counts, full.step_counts)
