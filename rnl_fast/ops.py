@@ -7,7 +7,8 @@ tensors runs the Triton kernels under the interpreter (``TRITON_INTERPRET=1``), 
 tests them; ``torch`` runs the pure-PyTorch definitions in :mod:`rnl_fast.reference`.
 
 The kernels are called only inside custom ops, so ``torch.compile`` sees one opaque node per op
-and never a graph break.
+and never a graph break. How the inputs are laid out for the kernels (memory order, time-major
+``[T, N]``) is in :mod:`rnl_fast.layout`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from .layout import in_order, logical, neuron_order, param_in_order, pool_geometry, pool_out_size, time_major
 from .reference import SURROGATES, THETA_EPS, compute_dtype_of
 
 BACKENDS = ("cpp", "triton", "torch")
@@ -81,63 +83,6 @@ def _threads() -> int:
 
 def _code(dtype: torch.dtype) -> int:
     return _DTYPE_CODES[dtype]
-
-
-def _neuron_order(x: Tensor, pool_dims: bool = False) -> tuple[int, ...]:
-    """The order of ``x``'s neuron dims (those after T) in memory, outermost first.
-
-    The forward kernels read and write the neurons in this order, so a channels-last tensor (a
-    convolution's output on CPU) is used as it lies instead of being copied to NCHW; outputs take
-    the same layout. When the neurons are not one dense block in any order, the identity (x gets
-    copied). With ``pool_dims`` the last two dims (H, W) must also lie next to each other, H
-    outside W, as the pooling kernels need ([outer…, H, W, inner…]); else the identity too.
-    """
-    n = x.dim() - 1
-    identity = tuple(range(n))
-    shape, strides = x.shape[1:], x.stride()[1:]
-    if x[0].is_contiguous():
-        return identity
-    order = tuple(sorted(identity, key=lambda d: (-strides[d], d)))
-    expected = 1
-    for d in reversed(order):
-        if shape[d] != 1 and strides[d] != expected:
-            return identity
-        expected *= shape[d]
-    if pool_dims and order.index(n - 1) != order.index(n - 2) + 1:
-        return identity
-    return order
-
-
-def _in_order(t: Tensor, order: tuple[int, ...], lead: int = 0) -> Tensor:
-    """``t`` (``lead`` leading dims, then the neuron dims) with its neuron dims permuted to ``order``."""
-    if order == tuple(range(len(order))):
-        return t
-    return t.permute(*range(lead), *(lead + d for d in order))
-
-
-def _logical(t: Tensor, order: tuple[int, ...], lead: int = 0) -> Tensor:
-    """Undoes :func:`_in_order`: a view of ``t`` with its neuron dims back in logical order."""
-    if order == tuple(range(len(order))):
-        return t
-    inverse = sorted(range(len(order)), key=order.__getitem__)
-    return t.permute(*range(lead), *(lead + d for d in inverse))
-
-
-def _param_in_order(p: Tensor, order: tuple[int, ...]) -> Tensor:
-    """A ``[]`` or neuron-shaped threshold/membrane, contiguous in the kernels' neuron order."""
-    return p if p.dim() == 0 else _in_order(p, order).contiguous()
-
-
-def _time_major(x: Tensor) -> Tensor:
-    """``x`` as ``[T, N]`` with neuron stride 1 and time stride N, or 0 for a constant input.
-
-    An input expanded over time (``c.expand(T, *c.shape)``) keeps its stride of 0: the kernels
-    read its one row every step instead of a materialised copy.
-    """
-    T = x.shape[0]
-    if T > 1 and x.stride(0) == 0:
-        return x[0].contiguous().reshape(1, -1).expand(T, -1)
-    return x.contiguous().reshape(T, -1)
 
 
 # ─── validation (errors name the argument and what was expected) ──────────────────────────────
@@ -238,7 +183,7 @@ def _new_neuron_counts(N: int, count_neurons: bool, device: torch.device, like: 
 
 def _neuron_counts_view(counts: Tensor, neuron_shape: torch.Size, order: tuple[int, ...]) -> Tensor:
     """The counts with the neuron shape in logical order; an empty buffer (not counted) as it is."""
-    return _logical(counts.view(neuron_shape), order) if counts.numel() else counts
+    return logical(counts.view(neuron_shape), order) if counts.numel() else counts
 
 
 def _if_result(outputs: tuple[Tensor, ...], count_neurons: bool) -> IFResult:
@@ -263,12 +208,12 @@ def _if_forward(
     count_neurons: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     T = x.shape[0]
-    order = _neuron_order(x)
-    xo = _in_order(x, order, lead=1)
+    order = neuron_order(x)
+    xo = in_order(x, order, lead=1)
     neuron_shape = xo.shape[1:]  # in the kernels' order
-    x2 = _time_major(xo)
+    x2 = time_major(xo)
     N = x2.shape[1]
-    v_th, v_init = _param_in_order(v_th, order), _param_in_order(v_init, order)
+    v_th, v_init = param_in_order(v_th, order), param_in_order(v_init, order)
     cdt = compute_dtype_of(x.dtype)
     spikes = torch.empty((T, N), dtype=spike_dtype, device=x.device)
     v_final = torch.empty(N, dtype=cdt, device=x.device)
@@ -289,8 +234,8 @@ def _if_forward(
             neuron_counts.data_ptr() if count_neurons else 0, neuron_counts.numel(), _threads(),
         )  # fmt: skip
     return (
-        _logical(spikes.view(T, *neuron_shape), order, lead=1),
-        _logical(v_final.view(neuron_shape), order),
+        logical(spikes.view(T, *neuron_shape), order, lead=1),
+        logical(v_final.view(neuron_shape), order),
         step_counts,
         _neuron_counts_view(neuron_counts, neuron_shape, order),
     )
@@ -298,11 +243,11 @@ def _if_forward(
 
 @_if_forward.register_fake
 def _(x, v_th, v_init, v_reset, hard_reset, surrogate, width, detach_reset, spike_dtype, count_neurons):
-    order = _neuron_order(x)
-    neuron_shape = _in_order(x, order, lead=1).shape[1:]
+    order = neuron_order(x)
+    neuron_shape = in_order(x, order, lead=1).shape[1:]
     return (
-        _logical(x.new_empty((x.shape[0], *neuron_shape), dtype=spike_dtype), order, lead=1),
-        _logical(x.new_empty(neuron_shape, dtype=compute_dtype_of(x.dtype)), order),
+        logical(x.new_empty((x.shape[0], *neuron_shape), dtype=spike_dtype), order, lead=1),
+        logical(x.new_empty(neuron_shape, dtype=compute_dtype_of(x.dtype)), order),
         x.new_empty(x.shape[:1], dtype=torch.int64),
         _neuron_counts_view(_new_neuron_counts(math.prod(neuron_shape), count_neurons, x.device, x), neuron_shape, order),
     )
@@ -322,7 +267,7 @@ def _if_backward(
     detach_reset: bool,
 ) -> tuple[Tensor, Tensor]:
     T, neuron_shape = x.shape[0], x.shape[1:]
-    x2 = _time_major(x)
+    x2 = time_major(x)
     N = x2.shape[1]
     cdt = compute_dtype_of(x.dtype)
     gs = None if grad_spikes is None else grad_spikes.to(x.dtype).contiguous().view(T, N)
@@ -439,10 +384,6 @@ def if_sequence(
 # ─── op 1b: integrate-and-fire fused with 2×2 average pooling (inference) ─────────────────────
 
 
-def _pool_out_size(size: int, ceil_mode: bool) -> int:
-    return (size + 1) // 2 if ceil_mode else size // 2
-
-
 @torch.library.custom_op("rnl_fast::if_pool_forward", mutates_args=())
 def _if_pool_forward(
     x: Tensor,
@@ -455,13 +396,13 @@ def _if_pool_forward(
     count_neurons: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     T = x.shape[0]
-    order = _neuron_order(x, pool_dims=True)
-    xo = _in_order(x, order, lead=1)
-    neuron_shape, pooled_shape, (planes, H, W, inner) = _pool_geometry(x, order, ceil_mode)
-    OH, OW = _pool_out_size(H, ceil_mode), _pool_out_size(W, ceil_mode)
-    x2 = _time_major(xo)
+    order = neuron_order(x, pool_dims=True)
+    xo = in_order(x, order, lead=1)
+    neuron_shape, pooled_shape, (planes, H, W, inner) = pool_geometry(x, order, ceil_mode)
+    OH, OW = pool_out_size(H, ceil_mode), pool_out_size(W, ceil_mode)
+    x2 = time_major(xo)
     N = x2.shape[1]
-    v_th, v_init = _param_in_order(v_th, order), _param_in_order(v_init, order)
+    v_th, v_init = param_in_order(v_th, order), param_in_order(v_init, order)
     cdt = compute_dtype_of(x.dtype)
     pooled = torch.empty((T, planes * OH * OW * inner), dtype=x.dtype, device=x.device)
     v_final = torch.empty(N, dtype=cdt, device=x.device)
@@ -481,34 +422,20 @@ def _if_pool_forward(
             neuron_counts.data_ptr() if count_neurons else 0, neuron_counts.numel(), _threads(),
         )  # fmt: skip
     return (
-        _logical(pooled.view(T, *pooled_shape), order, lead=1),
-        _logical(v_final.view(neuron_shape), order),
+        logical(pooled.view(T, *pooled_shape), order, lead=1),
+        logical(v_final.view(neuron_shape), order),
         step_counts,
         _neuron_counts_view(neuron_counts, neuron_shape, order),
     )
 
 
-def _pool_geometry(x: Tensor, order: tuple[int, ...], ceil_mode: bool):
-    """For the neurons of ``x`` in ``order`` ([outer…, H, W, inner…]): their shape, the pooled
-    shape in the same order, and ``(planes, H, W, inner)``, planes and inner being the products
-    of the outer and inner dims."""
-    n = x.dim() - 1
-    neuron_shape = torch.Size(x.shape[1 + d] for d in order)
-    out = list(x.shape[1:])
-    out[-2], out[-1] = _pool_out_size(out[-2], ceil_mode), _pool_out_size(out[-1], ceil_mode)
-    pooled_shape = torch.Size(out[d] for d in order)
-    h_at = order.index(n - 2)
-    planes, inner = math.prod(neuron_shape[:h_at]), math.prod(neuron_shape[h_at + 2 :])
-    return neuron_shape, pooled_shape, (planes, x.shape[-2], x.shape[-1], inner)
-
-
 @_if_pool_forward.register_fake
 def _(x, v_th, v_init, v_reset, hard_reset, scale, ceil_mode, count_neurons):
-    order = _neuron_order(x, pool_dims=True)
-    neuron_shape, pooled_shape, _ = _pool_geometry(x, order, ceil_mode)
+    order = neuron_order(x, pool_dims=True)
+    neuron_shape, pooled_shape, _ = pool_geometry(x, order, ceil_mode)
     return (
-        _logical(x.new_empty((x.shape[0], *pooled_shape)), order, lead=1),
-        _logical(x.new_empty(neuron_shape, dtype=compute_dtype_of(x.dtype)), order),
+        logical(x.new_empty((x.shape[0], *pooled_shape)), order, lead=1),
+        logical(x.new_empty(neuron_shape, dtype=compute_dtype_of(x.dtype)), order),
         x.new_empty((x.shape[0],), dtype=torch.int64),
         _neuron_counts_view(_new_neuron_counts(math.prod(neuron_shape), count_neurons, x.device, x), neuron_shape, order),
     )
@@ -547,7 +474,7 @@ def if_sequence_pool2x2(
     if x.dim() < 3:
         raise ValueError(f"x must be [T, *, H, W], got shape {tuple(x.shape)}")
     H, W = x.shape[-2:]
-    if _pool_out_size(H, ceil_mode) == 0 or _pool_out_size(W, ceil_mode) == 0:
+    if pool_out_size(H, ceil_mode) == 0 or pool_out_size(W, ceil_mode) == 0:
         raise ValueError(f"a 2x2 window does not fit in H x W = {H} x {W} (ceil_mode={ceil_mode})")
     _check_v_reset(v_reset)
     if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale)):

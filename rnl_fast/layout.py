@@ -1,0 +1,90 @@
+"""How the ops lay tensors out for the kernels: neurons in memory order, time-major ``[T, N]``.
+
+The kernels (DESIGN.md §2) see one contiguous block of N neurons per time step, with a time
+stride of N or 0. These helpers find that view of an input without copying it when they can:
+a channels-last (or any other dense) layout is walked in memory order and the outputs are given
+the same layout; the pooling op also needs the two pooled dims next to each other.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def neuron_order(x: Tensor, pool_dims: bool = False) -> tuple[int, ...]:
+    """The order of ``x``'s neuron dims (those after T) in memory, outermost first.
+
+    The forward kernels read and write the neurons in this order, so a channels-last tensor (a
+    convolution's output on CPU) is used as it lies instead of being copied to NCHW; outputs take
+    the same layout. When the neurons are not one dense block in any order, the identity (x gets
+    copied). With ``pool_dims`` the last two dims (H, W) must also lie next to each other, H
+    outside W, as the pooling kernels need ([outer…, H, W, inner…]); else the identity too.
+    """
+    n = x.dim() - 1
+    identity = tuple(range(n))
+    shape, strides = x.shape[1:], x.stride()[1:]
+    if x[0].is_contiguous():
+        return identity
+    order = tuple(sorted(identity, key=lambda d: (-strides[d], d)))
+    expected = 1
+    for d in reversed(order):
+        if shape[d] != 1 and strides[d] != expected:
+            return identity
+        expected *= shape[d]
+    if pool_dims and order.index(n - 1) != order.index(n - 2) + 1:
+        return identity
+    return order
+
+
+def in_order(t: Tensor, order: tuple[int, ...], lead: int = 0) -> Tensor:
+    """``t`` (``lead`` leading dims, then the neuron dims) with its neuron dims permuted to ``order``."""
+    if order == tuple(range(len(order))):
+        return t
+    return t.permute(*range(lead), *(lead + d for d in order))
+
+
+def logical(t: Tensor, order: tuple[int, ...], lead: int = 0) -> Tensor:
+    """Undoes :func:`in_order`: a view of ``t`` with its neuron dims back in logical order."""
+    if order == tuple(range(len(order))):
+        return t
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    return t.permute(*range(lead), *(lead + d for d in inverse))
+
+
+def param_in_order(p: Tensor, order: tuple[int, ...]) -> Tensor:
+    """A ``[]`` or neuron-shaped threshold/membrane, contiguous in the kernels' neuron order."""
+    return p if p.dim() == 0 else in_order(p, order).contiguous()
+
+
+def time_major(x: Tensor) -> Tensor:
+    """``x`` as ``[T, N]`` with neuron stride 1 and time stride N, or 0 for a constant input.
+
+    An input expanded over time (``c.expand(T, *c.shape)``) keeps its stride of 0: the kernels
+    read its one row every step instead of a materialised copy.
+    """
+    T = x.shape[0]
+    if T > 1 and x.stride(0) == 0:
+        return x[0].contiguous().reshape(1, -1).expand(T, -1)
+    return x.contiguous().reshape(T, -1)
+
+
+def pool_out_size(size: int, ceil_mode: bool) -> int:
+    """Windows of 2, stride 2, along a dim of ``size`` (``ceil_mode``: one more for an odd size)."""
+    return (size + 1) // 2 if ceil_mode else size // 2
+
+
+def pool_geometry(x: Tensor, order: tuple[int, ...], ceil_mode: bool):
+    """For the neurons of ``x`` in ``order`` ([outer…, H, W, inner…]): their shape, the pooled
+    shape in the same order, and ``(planes, H, W, inner)``, planes and inner being the products
+    of the outer and inner dims."""
+    n = x.dim() - 1
+    neuron_shape = torch.Size(x.shape[1 + d] for d in order)
+    out = list(x.shape[1:])
+    out[-2], out[-1] = pool_out_size(out[-2], ceil_mode), pool_out_size(out[-1], ceil_mode)
+    pooled_shape = torch.Size(out[d] for d in order)
+    h_at = order.index(n - 2)
+    planes, inner = math.prod(neuron_shape[:h_at]), math.prod(neuron_shape[h_at + 2 :])
+    return neuron_shape, pooled_shape, (planes, x.shape[-2], x.shape[-1], inner)
