@@ -51,7 +51,7 @@ IMPLS = ("ours", "clone", "eager", "compile", "spikingjelly")
 POOL_IMPLS = ("ours", "ours-unfused", "clone", "eager", "compile", "spikingjelly")
 #: Impls of the end-to-end groups; the ReLU-only ones for the nets whose RNL build is not timed.
 E2E_IMPLS = ("ours", "ours-rnl", "spikingjelly", "ann")
-E2E_RELU_IMPLS = ("ours", "spikingjelly", "ann")
+E2E_RELU_IMPLS = ("ours", "ours-one-chunk", "spikingjelly", "ann")
 #: Impls of the chunked long run: ours at T = 1024 (the engine's chunks, then 64-step chunks)
 #: beside ours at T = 64 on the same batch.
 E2E_LONG_IMPLS = ("ours", "ours-chunk64", "ours-T64")
@@ -373,11 +373,18 @@ def e2e_plan(group: Group, impl: str, device: str, scale: str) -> E2EPlan:
     a small batch, and not at T = 256 (unless ``RNL_FAST_BENCH_E2E_CPU_ALL=1``); ``small``
     divides the CPU batch by 4; ``tiny`` runs T / 32 steps at batch 2 (a dry run)."""
     steps = 64 if impl == "ours-T64" else group.steps
-    chunk = 64 if impl == "ours-chunk64" else None
+    # ours-one-chunk (CUDA): all T steps in one chunk, to see what the engine's chunking costs
+    # there (its per-chunk budget was sized on CPU; on CPU vgg16 runs one chunk anyway).
+    chunk = {"ours-chunk64": 64, "ours-one-chunk": steps}.get(impl)
     if scale == "tiny":  # every code path, several chunks included, in seconds
-        return E2EPlan(2, max(2, steps // 32), None if chunk is None else max(1, chunk // 32))
+        tiny_steps = max(2, steps // 32)
+        if impl == "ours-one-chunk":
+            return E2EPlan(2, tiny_steps, tiny_steps)
+        return E2EPlan(2, tiny_steps, None if chunk is None else max(1, chunk // 32))
     batch = group.batch
     if device == "cpu":
+        if impl == "ours-one-chunk":
+            return E2EPlan(batch, steps, chunk, skip="CUDA only (on CPU ours already runs vgg16 in one chunk)")
         batch = E2E_CPU_VGG16_BATCH[scale] if group.model == "vgg16" else batch // (4 if scale == "small" else 1)
         if group.model == "vgg16" and group.steps == 256 and os.environ.get(E2E_CPU_ALL_ENV, "") != "1":
             return E2EPlan(batch, steps, chunk, skip=f"CUDA only ({E2E_CPU_ALL_ENV}=1 runs it on CPU)")
@@ -529,7 +536,7 @@ def _build_e2e_case(group: Group, impl: str, device: str, scale: str) -> Case:
             _E2E_OUTPUTS[key] = (tuple(x.shape), steps, out)
             return out
 
-    else:  # ours, ours-rnl, ours-chunk64, ours-T64
+    else:  # ours, ours-rnl, ours-chunk64, ours-T64, ours-one-chunk
         snn = _e2e_ours(group.model, device, "rnl" if impl == "ours-rnl" else "maxnorm")
         chunk = plan.chunk or snn.chunk_size(x, steps)  # the engine's choice when not asked
 
