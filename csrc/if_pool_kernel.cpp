@@ -23,8 +23,10 @@ using detail::kStepUnroll;
 
 // What one task covers: `num_planes` planes from `plane`, rows [r0, r1) of each (r0 even). Either
 // several whole planes (small planes) or a band of rows of one plane (planes over kForwardBlock).
+// Its neurons are the contiguous range [first, first + size).
 struct Task {
   int64_t plane, num_planes, r0, r1;
+  int64_t first, size;
 };
 
 struct Tiling {
@@ -52,12 +54,13 @@ struct Tiling {
   }
 
   Task task(const PoolShape& p, int64_t i) const {
+    int64_t plane = i / row_bands, num_planes = 1, r0 = (i % row_bands) * rows_per_task;
     if (row_bands == 1) {
-      const int64_t plane = i * planes_per_task;
-      return {plane, std::min(planes_per_task, p.planes - plane), 0, p.H};
+      plane = i * planes_per_task;
+      num_planes = std::min(planes_per_task, p.planes - plane);
     }
-    const int64_t r0 = (i % row_bands) * rows_per_task;
-    return {i / row_bands, 1, r0, std::min(p.H, r0 + rows_per_task)};
+    const int64_t r1 = std::min(p.H, r0 + rows_per_task);
+    return {plane, num_planes, r0, r1, (plane * p.H + r0) * row, num_planes * (r1 - r0) * row};
   }
 };
 
@@ -165,8 +168,7 @@ template <bool HARD, typename In, typename Acc>
 void pooled_task(const In* x, const IFShape& shape, const PoolShape& p, const Tiling& tiling, const Task& task,
                  const Acc* th, Acc v_reset, Acc scale, Acc* v, int32_t* count, uint8_t* scratch, uint8_t* pair_sums,
                  In* pooled, int64_t* step_counts) {
-  const int64_t j0 = (task.plane * p.H + task.r0) * tiling.row;
-  const int64_t n = task.num_planes * (task.r1 - task.r0) * tiling.row;
+  const int64_t j0 = task.first, n = task.size;
   const int64_t out_plane = p.out_h() * p.out_w() * p.inner, out_step = p.planes * out_plane;
   In* out = pooled + task.plane * out_plane + task.r0 / 2 * p.out_w() * p.inner;
   const int64_t x_stride = shape.t_stride;
@@ -202,9 +204,7 @@ void if_forward_pool2x2(const In* x, IFShape shape, PoolShape pool, NeuronParam<
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < tiling.num_tasks; ++i) {
       const Task task = tiling.task(pool, i);
-      const int64_t j0 = (task.plane * pool.H + task.r0) * tiling.row;
-      const int64_t n = task.num_planes * (task.r1 - task.r0) * tiling.row;
-      detail::load_block_state(v_th, v_init, j0, n, th.data(), v.data(), count.data());
+      detail::load_block_state(v_th, v_init, task.first, task.size, th.data(), v.data(), count.data());
       if (reset == Reset::kHard) {
         pooled_task<true>(x, shape, pool, tiling, task, th.data(), v_reset, scale, v.data(), count.data(),
                           scratch.data(), pair_sums.data(), pooled, my_step_counts.data());
@@ -212,8 +212,8 @@ void if_forward_pool2x2(const In* x, IFShape shape, PoolShape pool, NeuronParam<
         pooled_task<false>(x, shape, pool, tiling, task, th.data(), v_reset, scale, v.data(), count.data(),
                            scratch.data(), pair_sums.data(), pooled, my_step_counts.data());
       }
-      std::copy(v.begin(), v.begin() + n, v_final + j0);
-      if (neuron_counts) std::copy(count.begin(), count.begin() + n, neuron_counts + j0);
+      std::copy(v.begin(), v.begin() + task.size, v_final + task.first);
+      if (neuron_counts) std::copy(count.begin(), count.begin() + task.size, neuron_counts + task.first);
     }
 #pragma omp critical
     for (int64_t t = 0; t < shape.T; ++t) step_counts[t] += my_step_counts[t];
