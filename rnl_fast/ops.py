@@ -174,16 +174,78 @@ class RateNormResult(NamedTuple):
     sum_r2: Tensor  #: ``[]`` Σr̂² over all elements
 
 
-def _new_neuron_counts(N: int, count_neurons: bool, device: torch.device, like: Tensor | None = None) -> Tensor:
-    """The ``[N]`` int32 buffer the kernels fill, or an empty one when the counts are not wanted
-    (``like``: make it with ``like.new_empty``, as fake kernels must)."""
-    shape = (N if count_neurons else 0,)
-    return like.new_empty(shape, dtype=torch.int32) if like is not None else torch.empty(shape, dtype=torch.int32, device=device)
+def _x_args(x2: Tensor, dtype: torch.dtype) -> tuple:
+    """How the C++ entry points take a time-major ``[T, N]`` input: its pointer, its length in
+    elements, the dtype code, T, N and the time stride (N, or 0 for a constant input)."""
+    T, N = x2.shape
+    return x2.data_ptr(), x2[0].numel() + (T - 1) * x2.stride(0), _code(dtype), T, N, x2.stride(0)
 
 
-def _neuron_counts_view(counts: Tensor, neuron_shape: torch.Size, order: tuple[int, ...]) -> Tensor:
-    """The counts with the neuron shape in logical order; an empty buffer (not counted) as it is."""
-    return logical(counts.view(neuron_shape), order) if counts.numel() else counts
+def _param_args(v_th: Tensor, v_init: Tensor) -> tuple:
+    """The thresholds and initial membranes (``[]`` or ``[N]``) as the C++ entry points take them."""
+    return v_th.data_ptr(), v_th.numel(), v_init.data_ptr(), v_init.numel()
+
+
+class _ForwardIO(NamedTuple):
+    """An IF forward op's input as its kernels take it, with the per-neuron outputs they fill."""
+
+    order: tuple[int, ...]  #: the neuron dims in memory order (:func:`rnl_fast.layout.neuron_order`)
+    neuron_shape: torch.Size  #: the neuron shape in that order
+    x2: Tensor  #: ``[T, N]`` time-major view of x
+    v_th: Tensor  #: ``[]`` or contiguous in ``order``
+    v_init: Tensor  #: ``[]`` or contiguous in ``order``
+    v_final: Tensor  #: ``[N]`` out, compute dtype
+    step_counts: Tensor  #: ``[T]`` int64 out
+    neuron_counts: Tensor  #: ``[N]`` int32 out, or empty when the counts are not wanted
+
+    @staticmethod
+    def of(x: Tensor, v_th: Tensor, v_init: Tensor, count_neurons: bool, pool_dims: bool = False) -> _ForwardIO:
+        order = neuron_order(x, pool_dims=pool_dims)
+        xo = in_order(x, order, lead=1)
+        x2 = time_major(xo)
+        T, N = x2.shape
+        return _ForwardIO(
+            order, xo.shape[1:], x2, param_in_order(v_th, order), param_in_order(v_init, order),
+            torch.empty(N, dtype=compute_dtype_of(x.dtype), device=x.device),
+            torch.empty(T, dtype=torch.int64, device=x.device),
+            torch.empty(N if count_neurons else 0, dtype=torch.int32, device=x.device),
+        )  # fmt: skip
+
+    def counted(self) -> Tensor | None:
+        """``neuron_counts`` for the Triton launchers: None when the counts are not wanted."""
+        return self.neuron_counts if self.neuron_counts.numel() else None
+
+    def cpp_out_args(self) -> tuple:
+        """The final membrane, the step counts and the neuron counts (null when not wanted) as the
+        C++ entry points take them."""
+        counts = self.neuron_counts
+        return (
+            self.v_final.data_ptr(), self.v_final.numel(), self.step_counts.data_ptr(), self.step_counts.numel(),
+            counts.data_ptr() if counts.numel() else 0, counts.numel(),
+        )  # fmt: skip
+
+    def outputs(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Final membrane, step counts, neuron counts, with x's logical neuron shape and layout."""
+        return _state_outputs(self.v_final, self.step_counts, self.neuron_counts, self.neuron_shape, self.order)
+
+
+def _state_outputs(
+    v_final: Tensor, step_counts: Tensor, neuron_counts: Tensor, neuron_shape: torch.Size, order: tuple[int, ...]
+) -> tuple[Tensor, Tensor, Tensor]:
+    counts = logical(neuron_counts.view(neuron_shape), order) if neuron_counts.numel() else neuron_counts
+    return logical(v_final.view(neuron_shape), order), step_counts, counts
+
+
+def _fake_state_outputs(x: Tensor, neuron_shape: torch.Size, order: tuple[int, ...], count_neurons: bool):
+    """What :meth:`_ForwardIO.outputs` returns, for the fake kernels."""
+    N = math.prod(neuron_shape)
+    return _state_outputs(
+        x.new_empty((N,), dtype=compute_dtype_of(x.dtype)),
+        x.new_empty(x.shape[:1], dtype=torch.int64),
+        x.new_empty((N if count_neurons else 0,), dtype=torch.int32),
+        neuron_shape,
+        order,
+    )
 
 
 def _if_result(outputs: tuple[Tensor, ...], count_neurons: bool) -> IFResult:
@@ -207,50 +269,29 @@ def _if_forward(
     spike_dtype: torch.dtype,
     count_neurons: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    T = x.shape[0]
-    order = neuron_order(x)
-    xo = in_order(x, order, lead=1)
-    neuron_shape = xo.shape[1:]  # in the kernels' order
-    x2 = time_major(xo)
-    N = x2.shape[1]
-    v_th, v_init = param_in_order(v_th, order), param_in_order(v_init, order)
-    cdt = compute_dtype_of(x.dtype)
+    io = _ForwardIO.of(x, v_th, v_init, count_neurons)
+    T, N = io.x2.shape
     spikes = torch.empty((T, N), dtype=spike_dtype, device=x.device)
-    v_final = torch.empty(N, dtype=cdt, device=x.device)
-    step_counts = torch.empty(T, dtype=torch.int64, device=x.device)
-    neuron_counts = _new_neuron_counts(N, count_neurons, x.device)
     spike_store = spikes.view(torch.uint8) if spike_dtype == torch.bool else spikes
     if backend_for(x) == "triton":
         _triton(x.device.type == "cpu").if_fwd(
-            x2, v_th.reshape(-1), v_init.reshape(-1), v_reset, hard_reset, spike_store, v_final, step_counts,
-            neuron_counts if count_neurons else None,
+            io.x2, io.v_th.reshape(-1), io.v_init.reshape(-1), v_reset, hard_reset, spike_store, io.v_final,
+            io.step_counts, io.counted(),
         )  # fmt: skip
     else:
         _cpp().if_forward(
-            x2.data_ptr(), x2[0].numel() + (T - 1) * x2.stride(0), _code(x.dtype), T, N, x2.stride(0),
-            v_th.data_ptr(), v_th.numel(), v_init.data_ptr(), v_init.numel(), v_reset, int(hard_reset),
-            spike_store.data_ptr(), spike_store.numel(), _code(spike_store.dtype),
-            v_final.data_ptr(), v_final.numel(), step_counts.data_ptr(), step_counts.numel(),
-            neuron_counts.data_ptr() if count_neurons else 0, neuron_counts.numel(), _threads(),
+            *_x_args(io.x2, x.dtype), *_param_args(io.v_th, io.v_init), v_reset, int(hard_reset),
+            spike_store.data_ptr(), spike_store.numel(), _code(spike_store.dtype), *io.cpp_out_args(), _threads(),
         )  # fmt: skip
-    return (
-        logical(spikes.view(T, *neuron_shape), order, lead=1),
-        logical(v_final.view(neuron_shape), order),
-        step_counts,
-        _neuron_counts_view(neuron_counts, neuron_shape, order),
-    )
+    return (logical(spikes.view(T, *io.neuron_shape), io.order, lead=1), *io.outputs())
 
 
 @_if_forward.register_fake
 def _(x, v_th, v_init, v_reset, hard_reset, surrogate, width, detach_reset, spike_dtype, count_neurons):
     order = neuron_order(x)
     neuron_shape = in_order(x, order, lead=1).shape[1:]
-    return (
-        logical(x.new_empty((x.shape[0], *neuron_shape), dtype=spike_dtype), order, lead=1),
-        logical(x.new_empty(neuron_shape, dtype=compute_dtype_of(x.dtype)), order),
-        x.new_empty(x.shape[:1], dtype=torch.int64),
-        _neuron_counts_view(_new_neuron_counts(math.prod(neuron_shape), count_neurons, x.device, x), neuron_shape, order),
-    )
+    spikes = logical(x.new_empty((x.shape[0], *neuron_shape), dtype=spike_dtype), order, lead=1)
+    return (spikes, *_fake_state_outputs(x, neuron_shape, order, count_neurons))
 
 
 @torch.library.custom_op("rnl_fast::if_backward", mutates_args=())
@@ -282,8 +323,7 @@ def _if_backward(
         _cpp().if_backward(
             0 if gs is None else gs.data_ptr(), 0 if gs is None else gs.numel(),
             0 if gv is None else gv.data_ptr(), 0 if gv is None else gv.numel(),
-            x2.data_ptr(), x2[0].numel() + (T - 1) * x2.stride(0), _code(x.dtype), T, N, x2.stride(0),
-            v_th.data_ptr(), v_th.numel(), v_init.data_ptr(), v_init.numel(), v_reset, int(hard_reset),
+            *_x_args(x2, x.dtype), *_param_args(v_th, v_init), v_reset, int(hard_reset),
             SURROGATES.index(surrogate), width, detach_reset,
             grad_x.data_ptr(), grad_x.numel(), grad_v_init.data_ptr(), grad_v_init.numel(), _threads(),
         )  # fmt: skip
@@ -395,50 +435,29 @@ def _if_pool_forward(
     ceil_mode: bool,
     count_neurons: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    io = _ForwardIO.of(x, v_th, v_init, count_neurons, pool_dims=True)
+    _, pooled_shape, (planes, H, W, inner) = pool_geometry(x, io.order, ceil_mode)
     T = x.shape[0]
-    order = neuron_order(x, pool_dims=True)
-    xo = in_order(x, order, lead=1)
-    neuron_shape, pooled_shape, (planes, H, W, inner) = pool_geometry(x, order, ceil_mode)
-    OH, OW = pool_out_size(H, ceil_mode), pool_out_size(W, ceil_mode)
-    x2 = time_major(xo)
-    N = x2.shape[1]
-    v_th, v_init = param_in_order(v_th, order), param_in_order(v_init, order)
-    cdt = compute_dtype_of(x.dtype)
-    pooled = torch.empty((T, planes * OH * OW * inner), dtype=x.dtype, device=x.device)
-    v_final = torch.empty(N, dtype=cdt, device=x.device)
-    step_counts = torch.empty(T, dtype=torch.int64, device=x.device)
-    neuron_counts = _new_neuron_counts(N, count_neurons, x.device)
+    pooled = torch.empty((T, math.prod(pooled_shape)), dtype=x.dtype, device=x.device)
     if backend_for(x) == "triton":
         _triton(x.device.type == "cpu").if_fwd_pool2x2(
-            x2, (planes, H, W, inner), ceil_mode, v_th.reshape(-1), v_init.reshape(-1), v_reset, hard_reset, scale,
-            pooled, v_final, step_counts, neuron_counts if count_neurons else None,
+            io.x2, (planes, H, W, inner), ceil_mode, io.v_th.reshape(-1), io.v_init.reshape(-1), v_reset, hard_reset,
+            scale, pooled, io.v_final, io.step_counts, io.counted(),
         )  # fmt: skip
     else:
         _cpp().if_forward_pool2x2(
-            x2.data_ptr(), x2[0].numel() + (T - 1) * x2.stride(0), _code(x.dtype), T, N, x2.stride(0),
-            planes, H, W, inner, ceil_mode, v_th.data_ptr(), v_th.numel(), v_init.data_ptr(), v_init.numel(),
-            v_reset, int(hard_reset), scale, pooled.data_ptr(), pooled.numel(),
-            v_final.data_ptr(), v_final.numel(), step_counts.data_ptr(), step_counts.numel(),
-            neuron_counts.data_ptr() if count_neurons else 0, neuron_counts.numel(), _threads(),
+            *_x_args(io.x2, x.dtype), planes, H, W, inner, ceil_mode, *_param_args(io.v_th, io.v_init),
+            v_reset, int(hard_reset), scale, pooled.data_ptr(), pooled.numel(), *io.cpp_out_args(), _threads(),
         )  # fmt: skip
-    return (
-        logical(pooled.view(T, *pooled_shape), order, lead=1),
-        logical(v_final.view(neuron_shape), order),
-        step_counts,
-        _neuron_counts_view(neuron_counts, neuron_shape, order),
-    )
+    return (logical(pooled.view(T, *pooled_shape), io.order, lead=1), *io.outputs())
 
 
 @_if_pool_forward.register_fake
 def _(x, v_th, v_init, v_reset, hard_reset, scale, ceil_mode, count_neurons):
     order = neuron_order(x, pool_dims=True)
     neuron_shape, pooled_shape, _ = pool_geometry(x, order, ceil_mode)
-    return (
-        logical(x.new_empty((x.shape[0], *pooled_shape)), order, lead=1),
-        logical(x.new_empty(neuron_shape, dtype=compute_dtype_of(x.dtype)), order),
-        x.new_empty((x.shape[0],), dtype=torch.int64),
-        _neuron_counts_view(_new_neuron_counts(math.prod(neuron_shape), count_neurons, x.device, x), neuron_shape, order),
-    )
+    pooled = logical(x.new_empty((x.shape[0], *pooled_shape)), order, lead=1)
+    return (pooled, *_fake_state_outputs(x, neuron_shape, order, count_neurons))
 
 
 def if_sequence_pool2x2(
