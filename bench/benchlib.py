@@ -233,10 +233,7 @@ def _pool_planes(neurons: int) -> tuple[int, int, int]:
 
 def _if_pool_fn(impl: str) -> Callable[[Tensor], Tensor]:
     """``x [T, P, H, W] → avg_pool2d(spikes, 2) [T, P, H/2, W/2]`` for one impl (v_th = 1, soft reset)."""
-
-    def pool(spikes: Tensor) -> Tensor:
-        return reference.avg_pool2x2(spikes.to(torch.float32) if not spikes.is_floating_point() else spikes)
-
+    pool = reference.avg_pool2x2  # the unfused impls' spikes are fp32, as x
     if impl == "ours":
         return lambda x: ops.if_sequence_pool2x2(x).spikes
     if impl == "ours-unfused":
