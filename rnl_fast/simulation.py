@@ -193,6 +193,10 @@ class SpikingNetwork(nn.Module):
         self.method = method
         self._activation_bytes_per_image: dict[tuple[int, ...], int] = {}
         self.neuron_names = list(thresholds)
+        # The node after which each value is read no more: _run_graph drops it there, so that a
+        # chunk holds about two activations at a time instead of all of them.
+        # By name, not by Node: names survive a deepcopy of the module, Node objects do not.
+        self._last_reader = {a.name: node.name for node in graph_module.graph.nodes for a in node.all_input_nodes}
 
     @property
     def neuron_layers(self) -> dict[str, SpikingNeurons]:
@@ -265,9 +269,6 @@ class SpikingNetwork(nn.Module):
                 return value.unsqueeze(0).expand(steps, *value.shape).reshape(steps * B, *value.shape[1:])
             return value
 
-        # Each activation is dropped once its last reader has run: a chunk then holds about two
-        # activations at a time instead of all of them.
-        last_reader = {a: node for node in self.graph_module.graph.nodes for a in node.all_input_nodes}
         for node in self.graph_module.graph.nodes:
             if node.op == "output":
                 (result,) = node.args
@@ -306,7 +307,7 @@ class SpikingNetwork(nn.Module):
                 else:
                     static[node.name] = values[node.name]
             for a in inputs:
-                if last_reader[a] is node:
+                if self._last_reader[a.name] == node.name:
                     values.pop(a.name)
         raise RuntimeError("the graph has no output node")
 

@@ -271,3 +271,11 @@ def test_bad_T():
     for T in (0, -3, 2.5):
         with pytest.raises(ValueError, match="T must be a positive int"):
             snn(torch.ones(1, 2), T)
+
+
+def test_a_deep_copy_simulates_like_the_original():
+    import copy
+
+    snn = convert(_warm_up(models.cnn7("rnl")), "rnl")
+    x = torch.rand(2, 1, 28, 28)
+    assert torch.equal(copy.deepcopy(snn)(x, 6, chunk=3), snn(x, 6, chunk=3))
