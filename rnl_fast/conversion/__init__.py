@@ -1,0 +1,34 @@
+"""ANN → SNN conversion (paper §2.1–2.2, Theorem 1) and the classic baselines.
+
+- :mod:`.converter`: :func:`convert`, the one entry point;
+- :mod:`.graph`: tracing, the checks of what can run on spikes, BatchNorm folding;
+- :mod:`.recipe`: what a method is (:class:`Recipe`); :mod:`.registry`: the methods by name;
+- one module per method family: :mod:`.rate_norm` (RNL, RNL+RIL), :mod:`.threshold_balancing`
+  (MaxNorm, RobustNorm).
+"""
+
+from .converter import convert
+from .graph import check_convertible, fold_all_batchnorms, fold_batchnorm, trace
+from .rate_norm import RateNormRecipe
+from .recipe import ConversionError, NeuronLayerSpec, Recipe
+from .registry import METHODS, RECIPES, recipe_for
+from .threshold_balancing import ROBUST_PERCENTILE, ThresholdBalancing, activation_scales, fold_spike_weight
+
+__all__ = [
+    "METHODS",
+    "RECIPES",
+    "ROBUST_PERCENTILE",
+    "ConversionError",
+    "NeuronLayerSpec",
+    "RateNormRecipe",
+    "Recipe",
+    "ThresholdBalancing",
+    "activation_scales",
+    "check_convertible",
+    "convert",
+    "fold_all_batchnorms",
+    "fold_batchnorm",
+    "fold_spike_weight",
+    "recipe_for",
+    "trace",
+]
