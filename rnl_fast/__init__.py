@@ -2,18 +2,18 @@
 
 The layers: :class:`IFSequence` (multi-step integrate-and-fire, one fused kernel per call) and
 :class:`RateNorm` (fused Rate Norm Layer with the Rate Inference Loss sums). The ops underneath
-are :func:`rnl_fast.ops.if_sequence` (and :func:`~rnl_fast.ops.if_sequence_pool2x2`, IF fused with
-2×2 average pooling) and :func:`rnl_fast.ops.rate_norm`; their pure-PyTorch
-definitions are in :mod:`rnl_fast.reference`. The method on top: :func:`convert` (ANN → SNN,
-:mod:`rnl_fast.conversion`) and :func:`simulate` (accuracy, spikes, K curves per step,
-:mod:`rnl_fast.simulation`); training in :mod:`rnl_fast.train`, the CLI in :mod:`rnl_fast.cli`.
+are :func:`if_sequence`, :func:`if_sequence_pool2x2` (IF fused with 2×2 average pooling) and
+:func:`rate_norm` (:mod:`rnl_fast.ops`); their pure-PyTorch definitions are in
+:mod:`rnl_fast.reference`. The method on top: :func:`convert` (ANN → SNN, :mod:`rnl_fast.conversion`)
+and :func:`simulate` (accuracy, spikes, K curves per step, :mod:`rnl_fast.simulation`); training in
+:mod:`rnl_fast.train`; the whole experiment in :mod:`rnl_fast.pipeline`; the CLI in :mod:`rnl_fast.cli`.
 """
 
 from .conversion import ConversionError, convert
 from .nn import IFSequence, RateNorm, rate_inference_loss
 from .ops import backend_for, if_sequence, if_sequence_pool2x2, rate_norm
 from .reference import omega
-from .simulation import SimulationResult, SpikingNetwork, simulate
+from .simulation import SimulationResult, SpikingNetwork, reuse_freed_memory, simulate
 
 __version__ = "0.1.0"
 
@@ -28,6 +28,7 @@ __all__ = [
     "omega",
     "rate_inference_loss",
     "rate_norm",
+    "reuse_freed_memory",
     "SimulationResult",
     "simulate",
     "SpikingNetwork",

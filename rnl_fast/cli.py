@@ -7,7 +7,8 @@
     rnl-fast compare --relu runs/relu.pt --rnl runs/rnl.pt --rnl-ril runs/rnl_ril.pt -T 256 --out runs/table
     rnl-fast demo --out demo_out
 
-Errors a user can cause (unknown model, missing dataset, bad numbers, unreadable checkpoint)
+Each command parses its arguments and calls the Python API (:mod:`rnl_fast.pipeline`,
+:mod:`rnl_fast.train`). Errors a user can cause (unknown model, missing dataset, bad numbers, unreadable checkpoint)
 end in one line on stderr and exit status 2, never a traceback.
 """
 
@@ -21,12 +22,9 @@ from pathlib import Path
 
 import torch
 
-from . import data, models, report, train
-from .conversion import METHODS, ConversionError, convert
-from .simulation import SimulationResult, mean_omega, reuse_freed_memory, simulate
-
-#: Validation images held out of the training set (stage 2 selects its checkpoint on them).
-VAL_FRACTION = 1 / 12
+from . import data, models, pipeline, report, train
+from .conversion import METHODS, ConversionError
+from .simulation import reuse_freed_memory
 
 
 def _positive_int(text: str) -> int:
@@ -60,7 +58,9 @@ def _device(text: str) -> torch.device:
 
 def _add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="mnist", choices=data.DATASETS, help="default: mnist (embedded)")
-    p.add_argument("--data-dir", default=None, help="directory with the dataset files (CIFAR python batches, IDX files)")
+    p.add_argument(
+        "--data-dir", default=None, help="directory with the dataset files (CIFAR python batches, IDX files)"
+    )
     p.add_argument("--batch-size", type=_positive_int, default=128)
     p.add_argument("--device", type=_device, default=torch.device("cpu"), help="cpu or cuda")
     p.add_argument("--seed", type=int, default=0)
@@ -87,13 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=_non_negative_int, default=4)
     t.add_argument("--lr", type=float, default=None, help="default: 0.1 (stage 1), 0.01 (stage 2)")
     t.add_argument("--lam", type=_non_negative_float, default=0.1, help="λ of the Rate Inference Loss (stage 2)")
-    t.add_argument("--tolerance", type=_non_negative_float, default=0.5, help="stage 2: validation accuracy points it may lose")
+    t.add_argument(
+        "--tolerance", type=_non_negative_float, default=0.5, help="stage 2: validation accuracy points it may lose"
+    )
     t.add_argument("--shared-p", action="store_true", help="stage 2: one p shared by all layers")
     t.add_argument("--resume", action="store_true", help="continue from --out if it exists")
     t.add_argument("--out", required=True, help="checkpoint file to write")
     _add_data_arguments(t)
 
-    e = commands.add_parser("evaluate", help="convert a checkpoint, simulate it and report accuracy, K curves and energy")
+    e = commands.add_parser(
+        "evaluate", help="convert a checkpoint, simulate it and report accuracy, K curves and energy"
+    )
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--method", choices=METHODS, required=True)
     e.add_argument("-T", "--steps", dest="T", type=_positive_int, default=256)
@@ -108,12 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default=None, help="directory for results.json and figures")
     _add_data_arguments(c)
 
-    d = commands.add_parser("demo", help="the whole pipeline on MNIST with cnn7: train, convert 4 ways, simulate, report")
+    d = commands.add_parser(
+        "demo", help="the whole pipeline on MNIST with cnn7: train, convert 4 ways, simulate, report"
+    )
     d.add_argument("--out", default="rnl_fast_demo", help="directory for results.json and the figures")
     d.add_argument("--epochs", type=_positive_int, default=4, help="stage-1 epochs of each network")
     d.add_argument("--stage2-epochs", type=_positive_int, default=3, help="stage-2 epochs (the thresholds)")
     d.add_argument("--lam", type=_non_negative_float, default=0.1, help="λ of the Rate Inference Loss (stage 2)")
-    d.add_argument("--tolerance", type=_non_negative_float, default=1.0, help="stage 2: validation accuracy points it may lose")
+    d.add_argument(
+        "--tolerance", type=_non_negative_float, default=1.0, help="stage 2: validation accuracy points it may lose"
+    )
     d.add_argument("--shared-p", action="store_true", help="stage 2: one p shared by all layers")
     d.add_argument("-T", "--steps", dest="T", type=_positive_int, default=256)
     d.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (CI): small subsets, 1 epoch, T=32")
@@ -122,57 +130,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# ─── shared pieces ───────────────────────────────────────────────────────────────────────────
-
-
-def _loaders(args, train_split: bool = True):
-    """(train, val, test) loaders and the test set; train/val are None when ``train_split`` is
-    False. The training loader shuffles with ``args.generator`` (seeded), which the training
-    functions checkpoint so that a resumed run is exact."""
-    args.generator = torch.Generator().manual_seed(args.seed)
-    generator = args.generator
-    test = data.load_dataset(args.dataset, "test", args.data_dir)
-    if args.test_images:
-        test = data.subset(test, min(args.test_images, len(test)), seed=args.seed)
-    test_loader = data.make_loader(test, args.batch_size, shuffle=False)
-    if not train_split:
-        return None, None, test_loader, test
-    full = data.load_dataset(args.dataset, "train", args.data_dir)
-    if args.train_images:
-        full = data.subset(full, min(args.train_images, len(full)), seed=args.seed)
-    train_set, val_set = data.train_val_split(full, VAL_FRACTION, seed=args.seed)
-    rank, world_size = getattr(args, "rank", 0), getattr(args, "world_size", 1)
-    if world_size > 1:  # under torchrun: each rank trains on its own share
-        train_set = train.shard(train_set, rank, world_size)
-        args.generator.manual_seed(args.seed + rank)
-    augment = args.dataset.startswith("cifar")
-    train_loader = data.make_loader(train_set, args.batch_size, shuffle=True, augment=augment, generator=generator)
-    val_loader = data.make_loader(val_set, args.batch_size, shuffle=False)
-    return train_loader, val_loader, test_loader, test
-
-
-def _model_kwargs(name: str, activation: str, test: data.ImageDataset) -> dict:
-    return dict(activation=activation, in_channels=test.in_channels, num_classes=test.num_classes, input_size=test.image_size)
-
-
-def _evaluate_method(model, method: str, T: int, test_loader, calibration, device, progress: bool = True) -> report.MethodResult:
-    snn = convert(model, method, calibration=calibration, device=device, calibration_batches=10)
-    sim: SimulationResult = simulate(snn, test_loader, T, ann=model, device=device, progress=progress)
-    ann_accuracy = train.evaluate_ann(model, test_loader, device)
-    return report.MethodResult.from_simulation(ann_accuracy, mean_omega(snn, model, test_loader, device), sim)
-
-
-def _write_report(out: Path, args, T: int, images: int, results: dict[str, report.MethodResult]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    title = f"{args.model_name} on {args.dataset}, {images} test images"
-    report.write_results(out / "results.json", args.dataset, args.model_name, T, images, results)
-    report.plot_accuracy(results, out / "accuracy_vs_T.png", title)
-    report.plot_k_curves(results, out / "k_curves.png", title)
-    report.plot_power(results, out / "power_per_step.png", title)
-    print(f"\nwrote {out / 'results.json'}, accuracy_vs_T.png, k_curves.png, power_per_step.png")
-
-
 # ─── commands ───────────────────────────────────────────────────────────────────────────────
+
+
+def _experiment(args, with_training: bool = True) -> pipeline.ExperimentData:
+    return pipeline.prepare_data(
+        args.dataset,
+        args.batch_size,
+        args.seed,
+        args.data_dir,
+        args.train_images,
+        args.test_images,
+        with_training,
+        rank=getattr(args, "rank", 0),
+        world_size=getattr(args, "world_size", 1),
+    )
+
+
+def _print_table(results: dict, model_name: str, dataset: str) -> None:
+    print(f"\nAccuracy (%) of the converted SNNs after T steps (the paper's Table 2), {model_name} on {dataset}:\n")
+    print(report.paper_table(results))
+
+
+def _write_report(out: Path, args, model_name: str, images: int, results: dict) -> None:
+    paths = pipeline.write_report(out, args.dataset, model_name, args.T, images, results)
+    print(f"\nwrote {paths[0]}, " + ", ".join(path.name for path in paths[1:]))
 
 
 def cmd_train(args) -> None:
@@ -188,45 +170,61 @@ def cmd_train(args) -> None:
 
 
 def _train(args) -> None:
-    train_loader, val_loader, _test_loader, test = _loaders(args)
-    common = dict(device=args.device, seed=args.seed, generator=args.generator, checkpoint_path=args.out,
-                  resume=args.resume, progress=args.rank == 0)  # fmt: skip
+    if args.stage == 2 and args.source is None:
+        raise ValueError("stage 2 needs --from <stage-1 checkpoint>")
+    experiment = _experiment(args)
+    common = dict(
+        device=args.device,
+        seed=args.seed,
+        generator=experiment.generator,
+        checkpoint_path=args.out,
+        resume=args.resume,
+        progress=args.rank == 0,
+    )
     if args.stage == 1:
-        kwargs = _model_kwargs(args.model, args.activation, test)
+        kwargs = pipeline.model_kwargs(args.activation, experiment.test_set)
         model = models.build_model(args.model, **kwargs)
         history = train.train_stage1(
-            model, train_loader, epochs=args.epochs, val_loader=val_loader, lr=args.lr or 0.1,
-            model_name=args.model, model_kwargs=kwargs, **common,
-        )  # fmt: skip
+            model,
+            experiment.train,
+            epochs=args.epochs,
+            val_loader=experiment.val,
+            lr=args.lr or 0.1,
+            model_name=args.model,
+            model_kwargs=kwargs,
+            **common,
+        )
     else:
-        if args.source is None:
-            raise ValueError("stage 2 needs --from <stage-1 checkpoint>")
         source = train.load_checkpoint(args.source)
-        model = train.model_from_checkpoint(args.source, args.device)
+        model = train.model_from_state(source, args.device)
         kwargs = {**source.get("model_kwargs", {}), **({"shared_p": True} if args.shared_p else {})}
         history = train.train_stage2(
-            model, train_loader, val_loader, epochs=args.epochs, lam=args.lam, tolerance=args.tolerance,
-            shared_p=args.shared_p, lr=args.lr or 0.01, model_name=source.get("model_name"), model_kwargs=kwargs, **common,
-        )  # fmt: skip
+            model,
+            experiment.train,
+            experiment.val,
+            epochs=args.epochs,
+            lam=args.lam,
+            tolerance=args.tolerance,
+            shared_p=args.shared_p,
+            lr=args.lr or 0.01,
+            model_name=source.get("model_name"),
+            model_kwargs=kwargs,
+            **common,
+        )
     last = history[-1] if history else {}
     if args.rank == 0:
         print(json.dumps({"checkpoint": args.out, "last_epoch": last}, default=float))
 
 
 def cmd_evaluate(args) -> None:
-    model = train.model_from_checkpoint(args.checkpoint, args.device)
     state = train.load_checkpoint(args.checkpoint)
-    args.model_name = state.get("model_name", "model")
-    calibration = None
-    if args.method in ("maxnorm", "robustnorm"):
-        train_loader, _val, test_loader, test = _loaders(args)
-        calibration = train_loader
-    else:
-        _t, _v, test_loader, test = _loaders(args, train_split=False)
-    result = _evaluate_method(model, args.method, args.T, test_loader, calibration, args.device)
+    model = train.model_from_state(state, args.device)
+    model_name = state.get("model_name", "model")
+    experiment = _experiment(args, with_training=args.method in ("maxnorm", "robustnorm"))
+    result = pipeline.evaluate_method(model, args.method, args.T, experiment.test, experiment.train, args.device)
     print(report.paper_table({args.method: result}))
     if args.out:
-        _write_report(Path(args.out), args, args.T, len(test), {args.method: result})
+        _write_report(Path(args.out), args, model_name, len(experiment.test_set), {args.method: result})
 
 
 def cmd_demo(args) -> None:
@@ -234,40 +232,33 @@ def cmd_demo(args) -> None:
     if args.tiny:
         args.train_images, args.test_images, args.T = args.train_images or 3000, 200, min(args.T, 32)
         args.epochs = args.stage2_epochs = 1
-    args.model_name = "cnn7"
+    model_name = "cnn7"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    train_loader, val_loader, test_loader, test = _loaders(args)
-    print(f"rnl-fast demo: cnn7 on {args.dataset} ({len(test)} test images), {args.epochs} + {args.stage2_epochs} epochs, T = {args.T}")
-    common = dict(epochs=args.epochs, device=args.device, seed=args.seed, generator=args.generator, progress=True)
-    nets = {}
-    for activation in ("relu", "rnl"):
-        print(f"\n[stage 1] training cnn7 with {activation.upper()} activations")
-        kwargs = _model_kwargs("cnn7", activation, test)
-        nets[activation] = models.build_model("cnn7", **kwargs)
-        train.train_stage1(nets[activation], train_loader, val_loader=val_loader, checkpoint_path=out / f"{activation}.pt",
-                           model_name="cnn7", model_kwargs=kwargs, **common)  # fmt: skip
-    print(f"\n[stage 2] training the thresholds with the Rate Inference Loss (λ = {args.lam})")
-    nets["rnl_ril"] = train.model_from_checkpoint(out / "rnl.pt", args.device)
-    train.train_stage2(nets["rnl_ril"], train_loader, val_loader, lam=args.lam, tolerance=args.tolerance,
-                       shared_p=args.shared_p, checkpoint_path=out / "rnl_ril.pt",
-                       model_name="cnn7", model_kwargs=_model_kwargs("cnn7", "rnl", test),
-                       **{**common, "epochs": args.stage2_epochs})  # fmt: skip
-    sources = {"maxnorm": nets["relu"], "robustnorm": nets["relu"], "rnl": nets["rnl"], "rnl_ril": nets["rnl_ril"]}
-    _compare(sources, args, test_loader, train_loader, len(test), out)
+    experiment = _experiment(args)
+    images = len(experiment.test_set)
+    print(
+        f"rnl-fast demo: {model_name} on {args.dataset} ({images} test images), "
+        f"{args.epochs} + {args.stage2_epochs} epochs, T = {args.T}"
+    )
+    nets = pipeline.train_paper_networks(
+        experiment,
+        model_name,
+        out,
+        epochs=args.epochs,
+        stage2_epochs=args.stage2_epochs,
+        lam=args.lam,
+        tolerance=args.tolerance,
+        shared_p=args.shared_p,
+        device=args.device,
+        seed=args.seed,
+        log=print,
+    )
+    sources = {method: nets[source] for method, source in pipeline.SOURCE_OF_METHOD.items()}
+    results = pipeline.compare(sources, args.T, experiment.test, experiment.train, args.device, log=print)
+    _print_table(results, model_name, args.dataset)
+    _write_report(out, args, model_name, images, results)
     print(f"demo finished in {time.perf_counter() - started:.0f} s")
-
-
-def _compare(sources: dict, args, test_loader, calibration, images: int, out: Path | None) -> None:
-    """Convert and simulate each (method → ANN), print Table 2, write the report."""
-    results = {}
-    for method, model in sources.items():
-        print(f"\n[convert + simulate] {method}, T = {args.T}")
-        results[method] = _evaluate_method(model.eval(), method, args.T, test_loader, calibration, args.device)
-    print(f"\nAccuracy (%) of the converted SNNs after T steps (the paper's Table 2), {args.model_name} on {args.dataset}:\n")
-    print(report.paper_table(results))
-    if out is not None:
-        _write_report(out, args, args.T, images, results)
 
 
 def cmd_compare(args) -> None:
@@ -275,12 +266,15 @@ def cmd_compare(args) -> None:
     given = {kind: path for kind, path in checkpoints.items() if path}
     if not given:
         raise ValueError("give at least one of --relu, --rnl, --rnl-ril")
-    nets = {kind: train.model_from_checkpoint(path, args.device) for kind, path in given.items()}
-    args.model_name = train.load_checkpoint(next(iter(given.values()))).get("model_name", "model")
-    methods = {"maxnorm": "relu", "robustnorm": "relu", "rnl": "rnl", "rnl_ril": "rnl_ril"}
-    sources = {method: nets[kind] for method, kind in methods.items() if kind in nets}
-    train_loader, _val, test_loader, test = _loaders(args)
-    _compare(sources, args, test_loader, train_loader, len(test), Path(args.out) if args.out else None)
+    states = {kind: train.load_checkpoint(path) for kind, path in given.items()}
+    nets = {kind: train.model_from_state(state, args.device) for kind, state in states.items()}
+    model_name = next(iter(states.values())).get("model_name", "model")
+    sources = {method: nets[kind] for method, kind in pipeline.SOURCE_OF_METHOD.items() if kind in nets}
+    experiment = _experiment(args)
+    results = pipeline.compare(sources, args.T, experiment.test, experiment.train, args.device, log=print)
+    _print_table(results, model_name, args.dataset)
+    if args.out:
+        _write_report(Path(args.out), args, model_name, len(experiment.test_set), results)
 
 
 def main(argv: list[str] | None = None) -> int:

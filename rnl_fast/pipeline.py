@@ -1,0 +1,188 @@
+"""The experiment as a Python API: data → training → conversion → simulation → report.
+
+What ``rnl-fast evaluate``, ``compare`` and ``demo`` do, callable from Python: :func:`prepare_data`
+(the loaders of one experiment), :func:`train_paper_networks` (the ReLU and Rate Norm networks
+and stage 2), :func:`evaluate_method` (convert one network, simulate it, measure it),
+:func:`compare` (several methods side by side, the paper's Table 2) and :func:`write_report`
+(results.json and the figures).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import data, models, report, train
+from .conversion import convert
+from .simulation import mean_omega, simulate
+
+#: Validation images held out of the training set (stage 2 selects its checkpoint on them).
+VAL_FRACTION = 1 / 12
+#: Calibration batches the threshold-balancing methods read.
+CALIBRATION_BATCHES = 10
+#: Which trained network each method converts: the ReLU network, or the Rate Norm network
+#: before ("rnl") or after ("rnl_ril") stage 2.
+SOURCE_OF_METHOD = {"maxnorm": "relu", "robustnorm": "relu", "rnl": "rnl", "rnl_ril": "rnl_ril"}
+
+Log = Callable[[str], None]
+
+
+def _silent(_message: str) -> None:
+    pass
+
+
+@dataclass
+class ExperimentData:
+    """The loaders of one experiment (see :func:`prepare_data`)."""
+
+    train: data.ArrayLoader | None  #: shuffled with :attr:`generator` (None: test split only)
+    val: data.ArrayLoader | None
+    test: data.ArrayLoader
+    test_set: data.ImageDataset
+    #: Shuffles the training loader; the training functions checkpoint its state (exact resume).
+    generator: torch.Generator
+
+
+def prepare_data(
+    dataset: str,
+    batch_size: int,
+    seed: int = 0,
+    data_dir: str | None = None,
+    train_images: int | None = None,
+    test_images: int | None = None,
+    with_training: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+) -> ExperimentData:
+    """Load ``dataset`` and make its loaders: test (``test_images`` drawn at random when given),
+    and, ``with_training``, training and validation (:data:`VAL_FRACTION` of the training
+    images held out; under DDP each rank trains on its own share, shuffled from ``seed + rank``).
+    CIFAR trains with random crops and flips."""
+    generator = torch.Generator().manual_seed(seed)
+    test_set = data.load_dataset(dataset, "test", data_dir)
+    if test_images:
+        test_set = data.subset(test_set, min(test_images, len(test_set)), seed=seed)
+    test_loader = data.make_loader(test_set, batch_size, shuffle=False)
+    if not with_training:
+        return ExperimentData(None, None, test_loader, test_set, generator)
+    full = data.load_dataset(dataset, "train", data_dir)
+    if train_images:
+        full = data.subset(full, min(train_images, len(full)), seed=seed)
+    train_set, val_set = data.train_val_split(full, VAL_FRACTION, seed=seed)
+    if world_size > 1:  # under torchrun: each rank trains on its own share
+        train_set = train.shard(train_set, rank, world_size)
+        generator.manual_seed(seed + rank)
+    augment = dataset.startswith("cifar")
+    train_loader = data.make_loader(train_set, batch_size, shuffle=True, augment=augment, generator=generator)
+    val_loader = data.make_loader(val_set, batch_size, shuffle=False)
+    return ExperimentData(train_loader, val_loader, test_loader, test_set, generator)
+
+
+def model_kwargs(activation: str, dataset: data.ImageDataset) -> dict:
+    """The builder arguments of a network for ``dataset``'s images and classes."""
+    return dict(
+        activation=activation,
+        in_channels=dataset.in_channels,
+        num_classes=dataset.num_classes,
+        input_size=dataset.image_size,
+    )
+
+
+def train_paper_networks(
+    experiment: ExperimentData,
+    model_name: str,
+    out: Path,
+    epochs: int,
+    stage2_epochs: int,
+    lam: float,
+    tolerance: float,
+    shared_p: bool,
+    device: torch.device | str,
+    seed: int,
+    log: Log = _silent,
+) -> dict[str, nn.Module]:
+    """Train what the paper compares: ``model_name`` with ReLU and with Rate Norm Layers (stage
+    1, ``epochs`` each), then the Rate Norm network's thresholds with the Rate Inference Loss
+    (stage 2). Checkpoints go to ``out/{relu,rnl,rnl_ril}.pt``. Returns the networks by their
+    source name: ``"relu"``, ``"rnl"``, ``"rnl_ril"`` (see :data:`SOURCE_OF_METHOD`)."""
+    common = dict(epochs=epochs, device=device, seed=seed, generator=experiment.generator, progress=True)
+    nets: dict[str, nn.Module] = {}
+    for activation in ("relu", "rnl"):
+        log(f"\n[stage 1] training {model_name} with {activation.upper()} activations")
+        kwargs = model_kwargs(activation, experiment.test_set)
+        nets[activation] = models.build_model(model_name, **kwargs)
+        train.train_stage1(
+            nets[activation],
+            experiment.train,
+            val_loader=experiment.val,
+            checkpoint_path=out / f"{activation}.pt",
+            model_name=model_name,
+            model_kwargs=kwargs,
+            **common,
+        )
+    log(f"\n[stage 2] training the thresholds with the Rate Inference Loss (λ = {lam})")
+    nets["rnl_ril"] = train.model_from_checkpoint(out / "rnl.pt", device)
+    train.train_stage2(
+        nets["rnl_ril"],
+        experiment.train,
+        experiment.val,
+        lam=lam,
+        tolerance=tolerance,
+        shared_p=shared_p,
+        checkpoint_path=out / "rnl_ril.pt",
+        model_name=model_name,
+        model_kwargs=model_kwargs("rnl", experiment.test_set),
+        **{**common, "epochs": stage2_epochs},
+    )
+    return nets
+
+
+def evaluate_method(
+    model: nn.Module,
+    method: str,
+    T: int,
+    test_loader: data.ArrayLoader,
+    calibration: data.ArrayLoader | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> report.MethodResult:
+    """Convert ``model`` by ``method``, simulate it for T steps on ``test_loader``, and measure
+    the ANN's accuracy and Ω beside the SNN's accuracy, spikes and K curves per step."""
+    snn = convert(model, method, calibration=calibration, device=device, calibration_batches=CALIBRATION_BATCHES)
+    sim = simulate(snn, test_loader, T, ann=model, device=device, progress=progress)
+    ann_accuracy = train.evaluate_ann(model, test_loader, device)
+    return report.MethodResult.from_simulation(ann_accuracy, mean_omega(snn, model, test_loader, device), sim)
+
+
+def compare(
+    sources: Mapping[str, nn.Module],
+    T: int,
+    test_loader: data.ArrayLoader,
+    calibration: data.ArrayLoader | None,
+    device: torch.device | str = "cpu",
+    log: Log = _silent,
+) -> dict[str, report.MethodResult]:
+    """:func:`evaluate_method` for each (method → network) of ``sources``, in order."""
+    results = {}
+    for method, model in sources.items():
+        log(f"\n[convert + simulate] {method}, T = {T}")
+        results[method] = evaluate_method(model.eval(), method, T, test_loader, calibration, device)
+    return results
+
+
+def write_report(
+    out: Path, dataset: str, model_name: str, T: int, images: int, results: Mapping[str, report.MethodResult]
+) -> list[Path]:
+    """Write ``results.json`` and the three figures into ``out``; returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"{model_name} on {dataset}, {images} test images"
+    paths = [out / name for name in ("results.json", "accuracy_vs_T.png", "k_curves.png", "power_per_step.png")]
+    report.write_results(paths[0], dataset, model_name, T, images, dict(results))
+    report.plot_accuracy(results, paths[1], title)
+    report.plot_k_curves(results, paths[2], title)
+    report.plot_power(results, paths[3], title)
+    return paths
