@@ -45,7 +45,9 @@ def energy_to_accuracy(
 ) -> EnergyToTarget:
     """Energy spent until the accuracy first reaches ``target`` (the dark area of Fig. 7a)."""
     if len(accuracy) != len(spikes_per_step):
-        raise ValueError(f"accuracy ({len(accuracy)} steps) and spikes_per_step ({len(spikes_per_step)}) differ in length")
+        raise ValueError(
+            f"accuracy ({len(accuracy)} steps) and spikes_per_step ({len(spikes_per_step)}) differ in length"
+        )
     steps = steps_to_accuracy(accuracy, target)
     if steps is None:
         return EnergyToTarget(target, None, None)

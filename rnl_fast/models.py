@@ -23,6 +23,8 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
+from .nn import RateNorm
+
 #: Values accepted by the ``activation`` argument of every builder.
 ACTIVATIONS = ("rnl", "relu")
 
@@ -54,10 +56,6 @@ class _ActivationFactory:
     def __call__(self) -> nn.Module:
         if self.activation == "relu":
             return nn.ReLU()
-        # Imported here, not at module level: rnl_fast.nn loads the compiled kernels, which the
-        # ReLU baselines (and a bare `import rnl_fast.models`) do not need.
-        from rnl_fast.nn import RateNorm
-
         layer = RateNorm(momentum=self.momentum, p_init=self.p_init, p=self._shared_raw_p)
         if self.shared_p and self._shared_raw_p is None:
             self._shared_raw_p = layer.raw_p

@@ -22,14 +22,28 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
     "argv, match",
     [
         pytest.param(["train", "--model", "resnet9", "--out", "x.pt"], "invalid choice: 'resnet9'", id="unknown-model"),
-        pytest.param(["train", "--dataset", "imagenet", "--out", "x.pt"], "invalid choice: 'imagenet'", id="unknown-dataset"),
-        pytest.param(["train", "--dataset", "cifar10", "--out", "x.pt"], "CIFAR-10 needs a data directory", id="missing-dataset"),
+        pytest.param(
+            ["train", "--dataset", "imagenet", "--out", "x.pt"], "invalid choice: 'imagenet'", id="unknown-dataset"
+        ),
+        pytest.param(
+            ["train", "--dataset", "cifar10", "--out", "x.pt"], "CIFAR-10 needs a data directory", id="missing-dataset"
+        ),
         pytest.param(["demo", "-T", "0"], "must be a positive integer, got 0", id="T-zero"),
-        pytest.param(["evaluate", "--checkpoint", "c.pt", "--method", "rnl", "-T", "-5"], "must be a positive integer", id="T-negative"),
+        pytest.param(
+            ["evaluate", "--checkpoint", "c.pt", "--method", "rnl", "-T", "-5"],
+            "must be a positive integer",
+            id="T-negative",
+        ),
         pytest.param(["train", "--epochs", "-1", "--out", "x.pt"], "must be >= 0, got -1", id="negative-epochs"),
-        pytest.param(["train", "--stage", "2", "--lam", "-0.5", "--out", "x.pt"], "must be >= 0, got -0.5", id="negative-lambda"),
+        pytest.param(
+            ["train", "--stage", "2", "--lam", "-0.5", "--out", "x.pt"], "must be >= 0, got -0.5", id="negative-lambda"
+        ),
         pytest.param(["train", "--stage", "2", "--out", "x.pt"], "stage 2 needs --from", id="stage2-without-source"),
-        pytest.param(["evaluate", "--checkpoint", "missing.pt", "--method", "rnl"], "missing.pt does not exist", id="missing-checkpoint"),
+        pytest.param(
+            ["evaluate", "--checkpoint", "missing.pt", "--method", "rnl"],
+            "missing.pt does not exist",
+            id="missing-checkpoint",
+        ),
     ],
 )
 def test_errors_are_one_line_with_exit_status_2(capsys, tmp_path, monkeypatch, argv, match):
@@ -53,9 +67,24 @@ def test_train_then_evaluate_on_synthetic_data(capsys, tmp_path):
     common = ["--dataset", "synthetic", "--batch-size", "64", "--train-images", "640", "--test-images", "64"]
     assert _run(capsys, "train", "--stage", "1", "--epochs", "1", "--out", str(ckpt), *common)[0] == 0
     ckpt2 = tmp_path / "s2.pt"
-    assert _run(capsys, "train", "--stage", "2", "--from", str(ckpt), "--epochs", "1", "--out", str(ckpt2), *common)[0] == 0
+    assert (
+        _run(capsys, "train", "--stage", "2", "--from", str(ckpt), "--epochs", "1", "--out", str(ckpt2), *common)[0]
+        == 0
+    )
     out_dir = tmp_path / "eval"
-    code, out, _err = _run(capsys, "evaluate", "--checkpoint", str(ckpt2), "--method", "rnl_ril", "-T", "16", "--out", str(out_dir), *common)
+    code, out, _err = _run(
+        capsys,
+        "evaluate",
+        "--checkpoint",
+        str(ckpt2),
+        "--method",
+        "rnl_ril",
+        "-T",
+        "16",
+        "--out",
+        str(out_dir),
+        *common,
+    )
     assert code == 0 and "rnl_ril" in out
     results = json.loads((out_dir / "results.json").read_text())
     assert results["T"] == 16 and len(results["methods"]["rnl_ril"]["snn_accuracy"]) == 16

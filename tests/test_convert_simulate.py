@@ -201,10 +201,22 @@ class _Reused(nn.Module):
 @pytest.mark.parametrize(
     "model, method, match",
     [
-        pytest.param(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2)), "maxnorm", "max pooling at '2'", id="maxpool"),
+        pytest.param(
+            nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2)), "maxnorm", "max pooling at '2'", id="maxpool"
+        ),
         pytest.param(_FunctionalRelu(), "maxnorm", "functional ReLU", id="functional-relu"),
-        pytest.param(nn.Sequential(nn.Linear(4, 4), nn.GELU()), "maxnorm", r"'1' \(GELU\) has no spiking equivalent", id="unknown"),
-        pytest.param(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), "rnl", "ReLU but this method converts RateNorm", id="relu-for-rnl"),
+        pytest.param(
+            nn.Sequential(nn.Linear(4, 4), nn.GELU()),
+            "maxnorm",
+            r"'1' \(GELU\) has no spiking equivalent",
+            id="unknown",
+        ),
+        pytest.param(
+            nn.Sequential(nn.Linear(4, 4), nn.ReLU()),
+            "rnl",
+            "ReLU but this method converts RateNorm",
+            id="relu-for-rnl",
+        ),
         pytest.param(_Reused(), "rnl", "called more than once", id="reused-activation"),
         pytest.param(nn.Sequential(nn.Linear(4, 4)), "rnl", "no RateNorm activations", id="no-activation"),
     ],

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
-import types
-
 import pytest
 import torch
 from torch import nn
 
 from rnl_fast import models
+from rnl_fast.nn import RateNorm
 
 # Rate Norm Layers per network: one per activation site.
 EXPECTED_RATE_NORMS = {"cnn7": 3, "alexnet_mnist": 7, "vgg16": 15, "preact_resnet18": 17, "preact_resnet34": 33}
@@ -18,31 +15,10 @@ EXPECTED_RATE_NORMS = {"cnn7": 3, "alexnet_mnist": 7, "vgg16": 15, "preact_resne
 INPUTS = [pytest.param(28, 1, id="28px-1ch"), pytest.param(32, 3, id="32px-3ch")]
 
 
-class _StandInRateNorm(nn.Module):
-    """Minimal Rate Norm Layer, used only while rnl_fast.nn cannot be imported."""
-
-    def __init__(self, momentum: float = 0.1, p_init: float = 1.0, p: nn.Parameter | None = None) -> None:
-        super().__init__()
-        self.momentum = momentum
-        self.raw_p = p if p is not None else nn.Parameter(torch.logit(torch.tensor(min(p_init, 0.99995))))
-        self.register_buffer("running_max", torch.tensor(1.0))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            with torch.no_grad():
-                self.running_max.lerp_(x.detach().relu().max(), self.momentum)
-        theta = torch.sigmoid(self.raw_p) * self.running_max + 1e-6
-        return torch.minimum(x.relu(), theta) / theta
-
-
-@pytest.fixture(autouse=True)
-def rate_norm_class(monkeypatch: pytest.MonkeyPatch) -> type[nn.Module]:
-    """The RateNorm class the models build: the real one, or the stand-in when it is missing."""
-    try:
-        return importlib.import_module("rnl_fast.nn").RateNorm
-    except ImportError:
-        monkeypatch.setitem(sys.modules, "rnl_fast.nn", types.SimpleNamespace(RateNorm=_StandInRateNorm))
-        return _StandInRateNorm
+@pytest.fixture
+def rate_norm_class() -> type[nn.Module]:
+    """The RateNorm class the models build."""
+    return RateNorm
 
 
 def _build(name: str, activation: str, input_size: int, in_channels: int, **kwargs: object) -> nn.Module:
@@ -96,7 +72,14 @@ def test_shared_p_is_one_parameter(name: str, rate_norm_class: type[nn.Module]) 
 @pytest.mark.parametrize("name", list(models.MODELS))
 def test_average_pooling_only(name: str) -> None:
     model = _build(name, "rnl", 32, 3)
-    max_pools = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+    max_pools = (
+        nn.MaxPool1d,
+        nn.MaxPool2d,
+        nn.MaxPool3d,
+        nn.AdaptiveMaxPool1d,
+        nn.AdaptiveMaxPool2d,
+        nn.AdaptiveMaxPool3d,
+    )
     assert not [m for m in model.modules() if isinstance(m, max_pools)]
     assert any(isinstance(m, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)) for m in model.modules())
 
