@@ -84,7 +84,6 @@ import copy
 import inspect
 import math
 import os
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -97,6 +96,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from ._io import atomic_write
 from .models import build_model
 from .nn import RateNorm, raw_from_p, rate_inference_loss
 
@@ -264,18 +264,8 @@ def save_checkpoint(path: str | os.PathLike[str], **state: Any) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Same directory (os.replace is atomic only within one file system); a fresh name, opened
-    # exclusively, with the permissions the umask gives (unlike mkstemp's 0600).
-    temp_path = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(temp_path, "xb") as file:
-            torch.save({"format": CHECKPOINT_FORMAT, **state}, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp_path, path)
-    except BaseException:
-        temp_path.unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as file:
+        torch.save({"format": CHECKPOINT_FORMAT, **state}, file)
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
