@@ -25,7 +25,6 @@ import math
 import os
 import pickle
 import struct
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator
@@ -36,6 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ._io import atomic_write
 
 #: Names accepted by :func:`load_dataset`.
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100", "synthetic")
@@ -450,19 +451,10 @@ def _load_cached(
 
 
 def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
-    """Write ``arrays`` to ``path`` as .npz so that readers see either no file or a complete one
-    (a temporary file in the same directory, then an atomic rename)."""
+    """Write ``arrays`` to ``path`` as .npz so that readers see either no file or a complete one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as stream:
-            np.savez(stream, **arrays)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary_name, path)
-    except BaseException:
-        Path(temporary_name).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as stream:
+        np.savez(stream, **arrays)
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,10 @@ for NAME in maxnorm, robustnorm, rnl, rnl_ril.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ._io import atomic_write
 from .energy import energy_to_accuracy, power_per_step
 from .simulation import SimulationResult
 
@@ -63,7 +62,7 @@ class MethodResult:
 
 
 def write_results(path: str | Path, dataset: str, model: str, T: int, test_images: int, methods: dict[str, MethodResult]) -> None:
-    """Write ``results.json`` atomically (temp file + rename)."""
+    """Write ``results.json`` atomically: readers see the previous file or the complete new one."""
     payload = {
         "dataset": dataset,
         "model": model,
@@ -71,11 +70,8 @@ def write_results(path: str | Path, dataset: str, model: str, T: int, test_image
         "test_images": test_images,
         "methods": {name: asdict(result) for name, result in methods.items()},
     }
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
+    with atomic_write(path) as file:
+        file.write(json.dumps(payload, indent=1).encode())
 
 
 def paper_table(methods: dict[str, MethodResult], steps: tuple[int, ...] = TABLE_STEPS) -> str:

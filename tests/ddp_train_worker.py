@@ -79,14 +79,19 @@ def main(out_dir: Path) -> None:
     val_loader = ScaledLoader(data.make_loader(train.shard(val_part, rank, world_size), 64, shuffle=False), scale)
     common = dict(device=device, generator=generator, progress=False, seed=0)
     history1 = train.train_stage1(
-        model, train_loader, epochs=2, val_loader=val_loader, lr=0.05,
-        checkpoint_path=out_dir / "stage1.pt", **common,
+        model, train_loader, epochs=2, val_loader=val_loader, lr=0.05, checkpoint_path=out_dir / "stage1.pt", **common
     )
     after_stage1 = {k: v.clone() for k, v in model.state_dict().items()}
     local_stage1 = [last_local_max[i].clone() for i in sorted(last_local_max)]
     history2 = train.train_stage2(
-        model, train_loader, val_loader, epochs=1, lam=0.5, tolerance=100.0,
-        checkpoint_path=out_dir / "stage2.pt", **common,
+        model,
+        train_loader,
+        val_loader,
+        epochs=1,
+        lam=0.5,
+        tolerance=100.0,
+        checkpoint_path=out_dir / "stage2.pt",
+        **common,
     )
     torch.save(
         {

@@ -318,7 +318,7 @@ def test_augmentation_crops_and_flips() -> None:
         loader = data.make_loader(
             dataset, 16, shuffle=False, augment=True, normalize=False, generator=torch.Generator().manual_seed(seed)
         )
-        (x, _), = list(loader)
+        ((x, _),) = list(loader)
         return x
 
     x = augmented(0)

@@ -15,6 +15,7 @@ from torch import nn
 
 from rnl_fast import data, models, train
 from rnl_fast.nn import RateNorm
+from rnl_fast.train.evaluation import accuracy_and_omega
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ddp_train_worker import tiny_model  # noqa: E402  (the same network in one and two processes)
@@ -165,7 +166,7 @@ def test_stage2_trains_only_p_and_lowers_omega(stage1_model, splits) -> None:
     before = _clone_state(model)
     _, val_loader, _ = _loaders(splits)
     reference_acc = train.evaluate_ann(stage1_model, val_loader)
-    reference_omega = train._accuracy_and_omega(stage1_model, val_loader, "cpu")[1]
+    reference_omega = accuracy_and_omega(stage1_model, val_loader, "cpu")[1]
     tolerance = 5.0
     history = _stage2(model, splits, tolerance=tolerance)
     after = model.state_dict()
@@ -177,7 +178,7 @@ def test_stage2_trains_only_p_and_lowers_omega(stage1_model, splits) -> None:
         else:  # weights, BN statistics and running maxima: bit for bit
             assert torch.equal(before[name], after[name]), name
     assert any(entry["selected"] for entry in history)
-    acc, omega = train._accuracy_and_omega(model, val_loader, "cpu")
+    acc, omega = accuracy_and_omega(model, val_loader, "cpu")
     assert omega < reference_omega
     assert acc >= reference_acc - tolerance
     assert omega == pytest.approx(min(e["omega"] for e in history if e["selected"]))
@@ -325,6 +326,18 @@ def test_model_from_checkpoint_rebuilds_the_model(tmp_path: Path, splits) -> Non
     rebuilt = train.model_from_checkpoint(path)
     x = torch.rand(3, 1, IMAGE_SIZE, IMAGE_SIZE)
     torch.testing.assert_close(rebuilt(x), model.eval()(x), rtol=0, atol=0)
+    from_state = train.model_from_state(train.load_checkpoint(path), "cpu")  # one read for metadata and model
+    assert not from_state.training
+    _assert_states_equal(from_state.state_dict(), rebuilt.state_dict())
+
+
+def test_model_from_state_needs_the_model_name(tmp_path: Path, splits) -> None:
+    path = tmp_path / "anonymous.pt"
+    _stage1(_new_model(), splits, epochs=1, checkpoint_path=path)
+    with pytest.raises(train.CheckpointError, match="anonymous.pt has no model_name"):
+        train.model_from_checkpoint(path)
+    with pytest.raises(train.CheckpointError, match="checkpoint has no model_name"):
+        train.model_from_state(train.load_checkpoint(path))
 
 
 def test_same_seed_same_result(splits) -> None:
@@ -401,8 +414,15 @@ def test_ddp_two_ranks(tmp_path: Path) -> None:
     worker = Path(__file__).with_name("ddp_train_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-        "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(worker), str(tmp_path),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        str(worker),
+        str(tmp_path),
     ]
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert finished.returncode == 0, finished.stderr[-4000:]

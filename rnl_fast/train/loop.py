@@ -1,0 +1,204 @@
+"""The epoch loop both training stages run: steps, the DDP reductions, the epoch's history entry,
+the learning-rate schedule, a checkpoint after every epoch, and a bit-exact resume.
+
+The stages differ only in what they pass in: a step (the loss), a summary (validation figures)
+and the extra state their checkpoints carry. How the loop behaves under DDP and on resume:
+docs/training.md.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .checkpoint import (
+    TRAINING_KEYS,
+    CheckpointError,
+    gather_rng_states,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+)
+from .distributed import all_reduce_running_max, average_batch_norm_stats, rank_and_world, wrap_ddp
+from .evaluation import Batches
+
+#: One epoch's figures in the history a stage returns.
+HistoryEntry = dict[str, Any]
+#: A training step: ``(x, y)`` on the device → (logits ``[B, classes]``, named scalar losses;
+#: ``"loss"`` is the one minimised). The loop averages every named loss over the epoch's samples.
+StepFn = Callable[[Tensor, Tensor], tuple[Tensor, dict[str, Tensor]]]
+
+# Progress-bar postfix refreshed every this many steps: each refresh syncs the device.
+_POSTFIX_EVERY = 10
+
+
+@dataclass(frozen=True)
+class LoopOptions:
+    """How one stage's epoch loop runs, starts and checkpoints (the stages' keyword arguments of
+    the same names, see :func:`rnl_fast.train.train_stage1`)."""
+
+    #: 1 or 2: written into the checkpoint; a resume must find the same stage.
+    stage: int
+    #: Total number of epochs (a resumed run continues up to it).
+    epochs: int
+    #: Where the batches go (the model is already there).
+    device: torch.device
+    #: Seeds torch's global generator (plus the rank) at a fresh start.
+    seed: int = 0
+    #: The generator the training loader shuffles with (its state is checkpointed), or None.
+    generator: torch.Generator | None = None
+    #: Written after every epoch by rank 0; None: no checkpoint.
+    checkpoint_path: str | os.PathLike[str] | None = None
+    #: Continue from ``checkpoint_path`` when it exists.
+    resume: bool = False
+    #: How :func:`rnl_fast.models.build_model` rebuilds the model, stored in the checkpoint.
+    model_name: str | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    #: A tqdm bar per epoch (rank 0 only).
+    progress: bool = True
+
+
+class EpochLoop:
+    """One stage's training run: the model (plain and as trained, DDP-wrapped under a process
+    group), its optimiser and schedule, the history so far, and the :class:`LoopOptions`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        options: LoopOptions,
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.options = options
+        self.rank, self.world_size = rank_and_world()
+        self.progress = options.progress and self.rank == 0
+        self.history: list[HistoryEntry] = []
+        self.start_epoch = 0
+        #: What the steps call: the model itself, or its DDP wrapper.
+        self.net = wrap_ddp(model, options.device) if self.world_size > 1 else model
+
+    def start(self) -> dict[str, Any] | None:
+        """Resume from the checkpoint when asked and it exists (returns it), else seed and
+        start fresh (returns None)."""
+        options = self.options
+        path = options.checkpoint_path
+        if options.resume and path is not None and Path(path).is_file():
+            state = load_checkpoint(path)
+            missing = [key for key in TRAINING_KEYS if key not in state]
+            if missing:
+                raise CheckpointError(f"checkpoint {path} lacks {missing}: not a training checkpoint")
+            if state["stage"] != options.stage:
+                raise ValueError(f"resume: checkpoint {path} is from stage {state['stage']}, not {options.stage}")
+            if state["epochs"] != options.epochs:
+                raise ValueError(
+                    f"epochs must match the checkpoint's ({state['epochs']}) to resume, got {options.epochs}"
+                )
+            if len(state["rng_states"]) != self.world_size:
+                raise ValueError(
+                    f"resume: checkpoint {path} was written by {len(state['rng_states'])} "
+                    f"ranks, this run has {self.world_size}"
+                )
+            self.model.load_state_dict(state["model_state"])
+            self.optimizer.load_state_dict(state["optimizer_state"])
+            self.scheduler.load_state_dict(state["scheduler_state"])
+            set_rng_state(state["rng_states"][self.rank], options.generator)
+            self.history = list(state["history"])
+            self.start_epoch = state["epoch"]
+            return state
+        # Ranks draw different dropout masks; the data order comes from each rank's generator.
+        torch.manual_seed(options.seed + self.rank)
+        return None
+
+    def train_epochs(
+        self,
+        step: StepFn,
+        summarize: Callable[[dict[str, float]], HistoryEntry],
+        extra_state: Callable[[], dict[str, Any]],
+        loader: Batches,
+    ) -> None:
+        """Run the remaining epochs. Each: steps (with the running-max reduction under DDP), BN
+        statistics averaged, ``summarize(train_stats)`` → history entry, schedule, checkpoint
+        (with ``extra_state()``)."""
+        device = self.options.device
+        for epoch in range(self.start_epoch, self.options.epochs):
+            sums: dict[str, Tensor] = {}
+            correct = torch.zeros((), dtype=torch.float64, device=device)
+            samples = 0
+            total = len(loader) if hasattr(loader, "__len__") else None
+            desc = f"stage {self.options.stage} epoch {epoch + 1}/{self.options.epochs}"
+            # Updated by hand: a tqdm that wraps the loader closes itself when the loader ends,
+            # before the epoch's validation figures can join its postfix.
+            with tqdm(total=total, desc=desc, disable=not self.progress, dynamic_ncols=True) as bar:
+                for index, (x, y) in enumerate(loader):
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    logits, losses = step(x, y)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    losses["loss"].backward()
+                    self.optimizer.step()
+                    if self.model.training:
+                        all_reduce_running_max(self.model)
+                    for name, value in losses.items():
+                        sums[name] = sums.get(name, 0.0) + value.detach().double() * y.numel()
+                    correct += (logits.detach().argmax(dim=1) == y).sum()
+                    samples += y.numel()
+                    bar.update()
+                    if self.progress and index % _POSTFIX_EVERY == 0:
+                        mean_loss = (sums["loss"] / samples).item()
+                        bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{100 * correct.item() / samples:.2f}")
+                if samples == 0:
+                    raise ValueError("train_loader must yield at least one non-empty batch per epoch")
+                if self.model.training:
+                    average_batch_norm_stats(self.model)
+                train_stats = self._reduce_stats(sums, correct, samples)
+                lr = self.optimizer.param_groups[0]["lr"]
+                entry = {"epoch": epoch + 1, "lr": lr, **summarize(train_stats)}
+                bar.set_postfix({k: f"{v:.4g}" for k, v in entry.items() if isinstance(v, float) and k != "lr"})
+            self.history.append(entry)
+            self.scheduler.step()
+            self.save(epoch + 1, extra_state())
+
+    def _reduce_stats(self, sums: dict[str, Tensor], correct: Tensor, samples: int) -> dict[str, float]:
+        """Sample-weighted epoch means of the named losses and the training accuracy, over all ranks."""
+        names = sorted(sums)
+        count = torch.tensor(float(samples), dtype=torch.float64, device=self.options.device)
+        totals = torch.stack([sums[name] for name in names] + [correct, count])
+        if self.world_size > 1:
+            dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+        values = totals.tolist()
+        stats = {name: value / values[-1] for name, value in zip(names, values)}
+        stats["train_acc"] = 100.0 * values[-2] / values[-1]
+        return stats
+
+    def save(self, epoch: int, extra: dict[str, Any], model_state: dict[str, Tensor] | None = None) -> None:
+        """Checkpoint after ``epoch`` completed epochs (rank 0 writes; every rank must call)."""
+        options = self.options
+        if options.checkpoint_path is None:
+            return
+        rng_states = gather_rng_states(options.generator)
+        if self.rank != 0:
+            return
+        save_checkpoint(
+            options.checkpoint_path,
+            stage=options.stage,
+            epoch=epoch,
+            epochs=options.epochs,
+            model_state=model_state if model_state is not None else self.model.state_dict(),
+            optimizer_state=self.optimizer.state_dict(),
+            scheduler_state=self.scheduler.state_dict(),
+            history=self.history,
+            rng_states=rng_states,
+            model_name=options.model_name,
+            model_kwargs=options.model_kwargs,
+            **extra,
+        )
