@@ -196,7 +196,7 @@ def _train(args) -> None:
         )
     else:
         source = train.load_checkpoint(args.source)
-        model = train.model_from_state(source, args.device)
+        model = train.model_from_state(source, args.device, source=args.source)
         kwargs = {**source.get("model_kwargs", {}), **({"shared_p": True} if args.shared_p else {})}
         history = train.train_stage2(
             model,
@@ -218,7 +218,7 @@ def _train(args) -> None:
 
 def cmd_evaluate(args) -> None:
     state = train.load_checkpoint(args.checkpoint)
-    model = train.model_from_state(state, args.device)
+    model = train.model_from_state(state, args.device, source=args.checkpoint)
     model_name = state.get("model_name", "model")
     experiment = _experiment(args, with_training=args.method in ("maxnorm", "robustnorm"))
     result = pipeline.evaluate_method(model, args.method, args.T, experiment.test, experiment.train, args.device)
@@ -267,7 +267,7 @@ def cmd_compare(args) -> None:
     if not given:
         raise ValueError("give at least one of --relu, --rnl, --rnl-ril")
     states = {kind: train.load_checkpoint(path) for kind, path in given.items()}
-    nets = {kind: train.model_from_state(state, args.device) for kind, state in states.items()}
+    nets = {kind: train.model_from_state(state, args.device, source=given[kind]) for kind, state in states.items()}
     model_name = next(iter(states.values())).get("model_name", "model")
     sources = {method: nets[kind] for method, kind in pipeline.SOURCE_OF_METHOD.items() if kind in nets}
     experiment = _experiment(args)
