@@ -21,6 +21,7 @@ SCALE = benchlib.bench_scale()
 #: Seconds of timed rounds per case (at least 2 rounds): slow eager baselines get few rounds.
 ROUND_BUDGET_S = {"cpu": {"full": 3.0, "small": 1.0, "tiny": 0.2}[SCALE], "cuda": 1.0}
 RESULTS = benchlib.Results()
+CASES = benchlib.CaseBuilder(SCALE)
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -39,19 +40,19 @@ def bench(benchmark: Any) -> Callable[[str, str, str], None]:
     """``bench(device, group, impl)``: measures one case and keeps its figures for the tables."""
 
     def run_case(device: str, group: str, impl: str) -> None:
-        def time_rounds(run: Callable[[], Any], rounds: int) -> float | None:
+        def time_rounds(run: Callable[[], Any], rounds: int, call_s: float) -> tuple[float | None, int]:
             benchmark.pedantic(benchlib.synced(run, device), rounds=rounds, iterations=1, warmup_rounds=0)
             stats = getattr(benchmark, "stats", None)  # None under --benchmark-disable
-            return stats.stats.median if stats is not None else None
+            return (stats.stats.median if stats is not None else None), rounds
 
         benchmark.group = f"{group} [{device}]"
         try:
-            case = benchlib.build_case(group, impl, device, SCALE)
+            case = CASES.build(group, impl, device)
             measurement = benchlib.measure_case(case, time_rounds, ROUND_BUDGET_S[device])
         except benchlib.Unavailable as reason:
-            RESULTS.measurements.append(benchlib.skipped(benchlib.GROUPS_BY_NAME[group], impl, device, str(reason)))
+            RESULTS.add(benchlib.skipped(benchlib.GROUPS_BY_NAME[group], impl, device, str(reason)))
             pytest.skip(str(reason))
-        RESULTS.measurements.append(measurement)
+        RESULTS.add(measurement, case)
         benchmark.extra_info.update(
             impl=impl,
             device=device,
@@ -78,7 +79,7 @@ def bench_profile(benchmark: Any) -> Callable[[str, str], None]:
     def run_profile(device: str, group: str) -> None:
         benchmark.group = f"profile {group} [{device}]"
         try:
-            lines = benchmark.pedantic(benchlib.profile_e2e, args=(group, device, SCALE), rounds=1, iterations=1)
+            lines = benchmark.pedantic(benchlib.profile_e2e, args=(CASES, group, device), rounds=1, iterations=1)
         except benchlib.Unavailable as reason:
             pytest.skip(str(reason))
         RESULTS.profiles[f"{group} [{device}]"] = lines
@@ -100,9 +101,9 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     write(f"copy bandwidth (copy_ into a warm buffer, read + write): {copies}")
     write("t / t_ours: above 1, ours is faster. GB/s: on the bytes the op must move (clone: read + write of x).")
     write("peak MB: peak memory growth during one call (CPU: resident set; CUDA: max_memory_allocated).")
-    for line in benchlib.group_tables(RESULTS.measurements, RESULTS.copy_gbps):
+    for line in benchlib.group_tables(RESULTS):
         write(line)
-    e2e = benchlib.e2e_summary(RESULTS.measurements)
+    e2e = benchlib.e2e_summary(RESULTS)
     if e2e:
         write("")
         write("## End to end: a converted network simulated over T steps, same images for every impl")
