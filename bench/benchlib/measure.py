@@ -119,11 +119,12 @@ def time_on_host(run: Callable[[], Any], rounds: int, call_s: float = 0.0) -> tu
 def time_on_cuda(run: Callable[[], Any], rounds: int, call_s: float) -> tuple[float, int]:
     """Median seconds of one call by ``triton.testing.do_bench`` (a :data:`Timer`): it warms up,
     flushes the L2 cache before each call and times each call by CUDA events, with no host sync
-    between calls. Its repetition time is ``rounds`` calls of ``call_s`` seconds, so that it runs
-    about ``rounds`` calls (fewer when its own estimate of a call, flush included, is longer)."""
+    between calls. It runs as many calls as fit its repetition time by its own estimate of a call
+    (flush included): ``rounds`` calls of ``call_s`` seconds, and half a call more, so that an
+    estimate a little above ``call_s`` does not round the count down (2 rounds to 1)."""
     from triton.testing import do_bench
 
-    times_ms = do_bench(run, rep=rounds * call_s * 1e3, return_mode="all")
+    times_ms = do_bench(run, rep=(rounds + 0.5) * call_s * 1e3, return_mode="all")
     return statistics.median(times_ms) / 1e3, len(times_ms)
 
 
