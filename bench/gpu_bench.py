@@ -3,7 +3,8 @@
     python bench/gpu_bench.py [--log-dir DIR] [--budget-s SECONDS]
     python bench/gpu_bench.py --cpu-dry-run     # the same code paths on CPU at tiny sizes
 
-Runs the cases of ``benchlib`` (the ones ``pytest bench/`` runs) with CUDA-event timing:
+Runs the cases of ``benchlib`` (the ones ``pytest bench/`` runs), timed by
+``triton.testing.do_bench`` (CUDA events; a host clock with ``--cpu-dry-run``):
 IF at T = 32 and 16M neurons, Rate Norm at [128, 32, 28, 28], ours beside x.clone(), the eager
 reference, SpikingJelly 2.0's Triton backend and torch.compile of the reference; then end to end
 (cnn7 and vgg16 converted and simulated at batch 128, T = 16, 64, 256, beside one ANN forward
@@ -33,6 +34,7 @@ from types import FrameType
 import torch
 
 import benchlib
+from rnl_fast.simulation import reuse_freed_memory
 
 #: Seconds of timed rounds per case: CUDA calls take milliseconds, so this buys ~50 rounds.
 ROUND_BUDGET_S = {"cuda": 1.0, "cpu": 0.2}
@@ -56,26 +58,29 @@ def _release(device: str) -> None:
 
 
 def run_cases(
-    device: str, scale: str, budget_s: float, measurements: list[benchlib.Measurement], log: list[str]
+    device: str, cases: benchlib.CaseBuilder, budget_s: float, results: benchlib.Results, log: list[str]
 ) -> None:
-    """Measures every case into ``measurements`` (in place: a SIGTERM keeps what was measured)."""
+    """Measures every case into ``results`` (in place: a SIGTERM keeps what was measured)."""
     deadline = time.monotonic() + budget_s
+    timer = benchlib.device_timer(device)
     # Compile cases last: each costs tens of seconds of compilation before its first figure.
     order = [(g, i) for g in benchlib.GROUPS for i in g.impls if i != "compile"]
     order += [(g, "compile") for g in benchlib.GROUPS if "compile" in g.impls]
     for group, impl in order:
         label = f"{group.name} [{device}] {impl}"
         if impl != "ours" and time.monotonic() > deadline:
-            measurements.append(benchlib.skipped(group, impl, device, "time budget spent"))
+            results.add(benchlib.skipped(group, impl, device, "time budget spent"))
             print(f"  skip {label}: time budget spent", flush=True)
             continue
+        if group.op == "e2e" and device == "cpu":
+            # What conftest.py does before its end-to-end cases (see _before_e2e there). Process-wide
+            # and for good: the compile cases, last, run under it, as when the simulator applied it.
+            reuse_freed_memory()
         start = time.monotonic()
+        case = None
         try:
-            case = benchlib.build_case(group.name, impl, device, scale)
-            m = benchlib.measure_case(
-                case, lambda run, rounds: benchlib.time_calls(run, device, rounds), ROUND_BUDGET_S[device]
-            )
-            del case
+            case = cases.build(group.name, impl, device)
+            m = benchlib.measure_case(case, timer, ROUND_BUDGET_S[device])
         except benchlib.Unavailable as reason:
             m = benchlib.skipped(group, impl, device, str(reason))
         except _Stop:
@@ -84,9 +89,9 @@ def run_cases(
             log += ["", f"ERROR in {label}:", "```", traceback.format_exc(), "```"]
             first_line = (str(error).strip().splitlines() or [""])[0][:120]
             m = benchlib.skipped(group, impl, device, f"{ERROR} {type(error).__name__}: {first_line}")
-        finally:
-            _release(device)
-        measurements.append(m)
+        results.add(m, case)
+        case = None
+        _release(device)
         if m.median_s is None:
             figure = m.note
         else:
@@ -94,12 +99,12 @@ def run_cases(
         print(f"  {label}: {figure}  ({time.monotonic() - start:.0f} s)", flush=True)
 
 
-def profile_lines(device: str, scale: str, log: list[str]) -> list[str]:
+def profile_lines(device: str, cases: benchlib.CaseBuilder, log: list[str]) -> list[str]:
     """The breakdown by op of one call of ours end to end (``benchlib.profile_e2e``); a failure
     is a line of the report (with its traceback in the log), not an error of the script."""
     start = time.monotonic()
     try:
-        lines = benchlib.profile_e2e(benchlib.E2E_PROFILE_GROUP, device, scale)
+        lines = benchlib.profile_e2e(cases, benchlib.E2E_PROFILE_GROUP, device)
     except _Stop:
         raise
     except Exception as error:
@@ -127,33 +132,38 @@ def main(argv: list[str] | None = None) -> int:
 
     log = ["# rnl_fast GPU benchmarks", "", *benchlib.environment_lines(scale)]
     print("\n".join(log[2:]), flush=True)
-    copy_gbps: dict[str, float] = {}
-    measurements: list[benchlib.Measurement] = []
+    results = benchlib.Results()
+    cases = benchlib.CaseBuilder(scale)
     profile: list[str] = []
     try:
-        copy_gbps[device] = benchlib.copy_bandwidth_gbps(device, benchlib.copy_bytes_for(device, scale))
-        print(f"copy bandwidth ({device}, copy_ of {benchlib.copy_bytes_for(device, scale) / 2**20:.0f} MiB, "
-              f"read + write): {copy_gbps[device]:.1f} GB/s", flush=True)  # fmt: skip
-        run_cases(device, scale, args.budget_s, measurements, log)
-        profile = profile_lines(device, scale, log)
+        copy_bytes = benchlib.copy_bytes_for(device, scale)
+        results.copy_gbps[device] = benchlib.copy_bandwidth_gbps(device, copy_bytes)
+        print(
+            f"copy bandwidth ({device}, copy_ of {copy_bytes / 2**20:.0f} MiB, read + write): "
+            f"{results.copy_gbps[device]:.1f} GB/s",
+            flush=True,
+        )
+        run_cases(device, cases, args.budget_s, results, log)
+        profile = profile_lines(device, cases, log)
     except _Stop:
         print("stopped by SIGTERM (time limit): reporting what was measured", flush=True)
 
-    final = benchlib.summary_table(measurements, copy_gbps)
-    e2e = benchlib.e2e_summary(measurements)
+    final = benchlib.summary_table(results)
+    e2e = benchlib.e2e_summary(results)
     if e2e:
         final += ["", "End to end (a converted network simulated over T steps, same images for every impl):", *e2e]
     if profile:
         final += ["", "Where the time goes (torch.profiler):", *profile]
-    log += ["", "## Per group", *benchlib.group_tables(measurements, copy_gbps), "", "## Summary", "", *final]
+    log += ["", "## Per group", *benchlib.group_tables(results), "", "## Summary", "", *final]
     print("\n" + "\n".join(final), flush=True)
     if args.log_dir:
         args.log_dir.mkdir(parents=True, exist_ok=True)
         (args.log_dir / "gpu_bench.md").write_text("\n".join(log) + "\n")
-        records = [dataclasses.asdict(m) | {"gbps": m.gbps} for m in measurements]
-        (args.log_dir / "gpu_bench.json").write_text(json.dumps({"copy_gbps": copy_gbps, "cases": records}, indent=1))
+        records = [dataclasses.asdict(m) | {"gbps": m.gbps} for m in results.measurements]
+        summary = {"copy_gbps": results.copy_gbps, "cases": records}
+        (args.log_dir / "gpu_bench.json").write_text(json.dumps(summary, indent=1))
         print(f"\nlogs: {args.log_dir}/gpu_bench.md, gpu_bench.json")
-    return 1 if any(m.impl == "ours" and m.note.startswith(ERROR) for m in measurements) else 0
+    return 1 if any(m.impl == "ours" and m.note.startswith(ERROR) for m in results.measurements) else 0
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ statistics, batch 128, T = 16, 64, 256, on the same random images for every impl
 batch 8 and the T = 256 groups are skipped (``RNL_FAST_BENCH_E2E_CPU_ALL=1`` runs them); on CUDA
 everything runs at the sizes above. Then the chunked long run (cnn7, batch 16, T = 1024 beside
 T = 64: peak memory and time per step) and one profiled call of ours (cnn7, T = 64). See
-benchlib.py (section "end to end").
+benchlib/e2e.py.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Groups: forward with fp32 spikes, forward with uint8 spikes, forward with bf16 input,
 forward+backward; each beside x.clone(), the eager reference, torch.compile of the reference and
-SpikingJelly 2.0's IFNode, on the same inputs (see benchlib.py).
+SpikingJelly 2.0's IFNode, on the same inputs (see benchlib/cases.py).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Rate Norm Layer forward+backward with the Rate Inference Loss, x [128, 32, 28, 28] fp32.
 
 The loss ``(r * w).sum() + Omega`` backpropagates into x and p; ours (rnl_fast.ops.rate_norm)
-beside the eager reference and torch.compile of the whole reference loss (see benchlib.py).
+beside the eager reference and torch.compile of the whole reference loss (see benchlib/cases.py).
 """
 
 from __future__ import annotations

@@ -1,0 +1,118 @@
+"""The performance targets, and how a run's figures compare with each: printed, never asserted.
+
+Benchmarks are not tests: a target is a figure to read beside the measurement ("ours ≥ 3x faster
+than SpikingJelly"), with ``ok`` or ``MISS`` and how far off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from .measure import Measurement, mb_text
+
+#: - "time_at_most": t_subject / t_baseline ≤ value;
+#: - "faster_by": t_baseline / t_subject ≥ value;
+#: - "copy_bw": GB/s of the subject ≥ value × copy bandwidth;
+#: - "peak_at_most": peak memory of the subject ≤ value × the baseline's;
+#: - "linear_in_T_at_most": (t / t_baseline) / (T / T_baseline) ≤ value (end to end);
+#: - "peak_above_at_most": peak of the subject − the baseline's peak ≤ value MB (end to end).
+TargetKind = Literal[
+    "time_at_most", "faster_by", "copy_bw", "peak_at_most", "linear_in_T_at_most", "peak_above_at_most"
+]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A figure to print beside the measurement; not an assertion (benchmarks are not tests)."""
+
+    group: str
+    device: str
+    kind: TargetKind
+    value: float
+    baseline: str = ""
+    subject: str = "ours"  #: the impl held to the target
+
+
+TARGETS: tuple[Target, ...] = (
+    Target("if-fwd-fp32", "cpu", "time_at_most", 1.2, "clone"),
+    Target("if-fwd-uint8", "cpu", "time_at_most", 0.6, "clone"),
+    Target("if-fwd-fp32", "cpu", "faster_by", 3.0, "spikingjelly"),
+    Target("if-fwd-bwd-fp32", "cpu", "faster_by", 3.0, "spikingjelly"),
+    Target("rnl-fwd-bwd-fp32", "cpu", "faster_by", 4.0, "eager"),
+    Target("if-fwd-fp32", "cuda", "copy_bw", 0.8),
+    Target("if-fwd-uint8", "cuda", "copy_bw", 0.8),
+    Target("if-fwd-fp32", "cuda", "faster_by", 1.5, "spikingjelly"),
+    Target("if-fwd-bwd-fp32", "cuda", "faster_by", 1.2, "spikingjelly"),
+    Target("if-fwd-bwd-fp32", "cuda", "peak_at_most", 1.0, "spikingjelly"),
+    Target("rnl-fwd-bwd-fp32", "cuda", "faster_by", 3.0, "eager"),
+    Target("e2e-cnn7-T64", "cpu", "faster_by", 3.0, "spikingjelly"),
+    Target("e2e-cnn7-T64", "cpu", "time_at_most", 40.0, "ann"),
+    Target("e2e-vgg16-T64", "cuda", "faster_by", 3.0, "spikingjelly"),
+    # The chunked long run, on both devices: ours (the engine's chunks) and ours in 64-step chunks.
+    *(
+        Target("e2e-cnn7-long", device, kind, value, "ours-T64", subject)
+        for device in ("cpu", "cuda")
+        for kind, value in (("peak_above_at_most", 200.0), ("linear_in_T_at_most", 1.5))
+        for subject in ("ours", "ours-chunk64")
+    ),
+)
+
+
+def targets_of(group: str, device: str) -> list[Target]:
+    """The targets of one group on one device, in :data:`TARGETS` order."""
+    return [t for t in TARGETS if t.group == group and t.device == device]
+
+
+def _wanted(target: Target) -> str:
+    """The target in words."""
+    who, base, value = target.subject, target.baseline, target.value
+    return {
+        "time_at_most": f"t_{who} / t_{base} <= {value:g}",
+        "faster_by": f"{who} >= {value:g}x faster than {base}",
+        "copy_bw": f"{who} >= {value:.0%} of copy bandwidth",
+        "peak_at_most": f"peak memory {who} <= {value:g}x {base}'s",
+        "linear_in_T_at_most": f"time {who} <= {value:g}x linear in T from {base}",
+        "peak_above_at_most": f"peak memory {who} <= {value:g} MB above {base}'s",
+    }[target.kind]
+
+
+def _figure(
+    target: Target, ours: Measurement | None, base: Measurement | None, copy_gbps: float | None
+) -> tuple[str | None, float]:
+    """(the measured figure in words or None when it cannot be computed, the score: measured over
+    required on a higher-is-better scale)."""
+    if target.kind == "linear_in_T_at_most":
+        if ours and base and ours.median_s and base.median_s and ours.steps and base.steps:
+            time_ratio, steps_ratio = ours.median_s / base.median_s, ours.steps / base.steps
+            excess = time_ratio / steps_ratio
+            return f"{excess:.2f}x (t ratio {time_ratio:.1f} for T ratio {steps_ratio:g})", target.value / excess
+    elif target.kind == "peak_above_at_most":
+        if ours and base and ours.peak_bytes is not None and base.peak_bytes is not None:
+            above = (ours.peak_bytes - base.peak_bytes) / 2**20
+            figure = f"{above:.0f} MB ({mb_text(ours.peak_bytes)} vs {mb_text(base.peak_bytes)} MB)"
+            return figure, target.value / above if above > 0 else float("inf")
+    elif target.kind == "copy_bw":
+        if ours and ours.gbps and copy_gbps:
+            share = ours.gbps / copy_gbps
+            return f"{share:.0%} ({ours.gbps:.0f} of {copy_gbps:.0f} GB/s)", share / target.value
+    elif target.kind == "peak_at_most":
+        if ours and base and ours.peak_bytes and base.peak_bytes:
+            ratio = ours.peak_bytes / base.peak_bytes
+            return f"{ratio:.2f}x", target.value / ratio
+    elif ours and base and ours.median_s and base.median_s:
+        ratio = ours.median_s / base.median_s
+        if target.kind == "time_at_most":
+            return f"{ratio:.2f}x", target.value / ratio
+        return f"{1 / ratio:.2f}x", 1 / ratio / target.value
+    return None, 0.0
+
+
+def evaluate_target(target: Target, rows: dict[str, Measurement], copy_gbps: float | None) -> str:
+    """One line: the target, the measured figure, and ok / MISS (with the shortfall) / n/a."""
+    ours, base = rows.get(target.subject), rows.get(target.baseline)
+    figure, score = _figure(target, ours, base, copy_gbps)
+    if figure is None:
+        missing = ours if not (ours and ours.median_s) else base
+        return f"{_wanted(target)}: n/a ({(missing.note if missing else '') or 'not measured'})"
+    return f"{_wanted(target)}: {figure} " + ("ok" if score >= 1 else f"MISS (reaches {score:.0%} of the target)")
