@@ -86,9 +86,7 @@ class ImageDataset:
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
-            raise ValueError(
-                f"images must be uint8 [N, C, H, W], got {self.images.dtype} {list(self.images.shape)}"
-            )
+            raise ValueError(f"images must be uint8 [N, C, H, W], got {self.images.dtype} {list(self.images.shape)}")
         if self.labels.dtype != torch.int64 or self.labels.shape != self.images.shape[:1]:
             raise ValueError(
                 f"labels must be int64 [N] with N = {self.images.shape[0]}, "
@@ -181,7 +179,12 @@ def make_synthetic(
         ``ImageDataset`` named ``"synthetic"``: images uint8 ``[n, in_channels, image_size,
         image_size]``, labels int64 ``[n]``, mean 0 and std 1 (inputs stay in [0, 1]).
     """
-    for arg, value in (("n", n), ("num_classes", num_classes), ("in_channels", in_channels), ("image_size", image_size)):
+    for arg, value in (
+        ("n", n),
+        ("num_classes", num_classes),
+        ("in_channels", in_channels),
+        ("image_size", image_size),
+    ):
         if value < 1:
             raise ValueError(f"{arg} must be a positive integer, got {value}")
     if split not in SPLITS:
@@ -356,7 +359,9 @@ def read_idx(path: Path) -> np.ndarray:
     shape = struct.unpack(f">{num_dims}I", raw[4 : 4 + 4 * num_dims])
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * num_dims)
     if data.size != math.prod(shape):
-        raise ValueError(f"{path}: header promises {math.prod(shape)} bytes of data for shape {shape}, found {data.size}")
+        raise ValueError(
+            f"{path}: header promises {math.prod(shape)} bytes of data for shape {shape}, found {data.size}"
+        )
     return data.reshape(shape)
 
 

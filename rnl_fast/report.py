@@ -61,7 +61,9 @@ class MethodResult:
         )
 
 
-def write_results(path: str | Path, dataset: str, model: str, T: int, test_images: int, methods: dict[str, MethodResult]) -> None:
+def write_results(
+    path: str | Path, dataset: str, model: str, T: int, test_images: int, methods: dict[str, MethodResult]
+) -> None:
     """Write ``results.json`` atomically: readers see the previous file or the complete new one."""
     payload = {
         "dataset": dataset,
@@ -84,7 +86,9 @@ def paper_table(methods: dict[str, MethodResult], steps: tuple[int, ...] = TABLE
     head += f" |{'steps to ANN−1':>15}{'energy':>10}{'vs maxnorm':>11}"
     lines = [head, "-" * len(head)]
     for name, r in methods.items():
-        row = f"{name:<11}{r.ann_accuracy:>7.2f}{r.omega:>7.2f} |" + "".join(f"{r.snn_accuracy[t - 1]:>8.2f}" for t in shown)
+        row = f"{name:<11}{r.ann_accuracy:>7.2f}{r.omega:>7.2f} |" + "".join(
+            f"{r.snn_accuracy[t - 1]:>8.2f}" for t in shown
+        )
         steps_text = f"{r.steps_to_target}" if r.steps_to_target is not None else f">{T}"
         energy_text = f"{r.energy_to_target:.0f}" if r.energy_to_target is not None else "—"
         ratio = (
