@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #include "if_kernel.h"
@@ -60,6 +61,20 @@ NeuronParam<Acc> neuron_param(uintptr_t address, int64_t len, int64_t N, const c
   return {as_ptr<const Acc>(address), len};
 }
 
+// by_dtype for the IF entry points: fn(types, v_th, v_init) gets the thresholds and initial
+// membranes (1 or N values of Acc each) checked and typed, and runs without the GIL.
+template <typename Fn>
+void by_dtype_with_params(DType dtype, int64_t N, uintptr_t v_th, int64_t v_th_len, uintptr_t v_init,
+                          int64_t v_init_len, Fn&& fn) {
+  by_dtype(dtype, [&](auto types) {
+    using Acc = typename decltype(types)::Acc;
+    const auto th = neuron_param<Acc>(v_th, v_th_len, N, "v_th");
+    const auto v0 = neuron_param<Acc>(v_init, v_init_len, N, "v_init");
+    py::gil_scoped_release release;
+    fn(types, th, v0);
+  });
+}
+
 void check_if_shape(const IFShape& s, uintptr_t x, int64_t x_len) {
   require(x != 0, "x is a null pointer");
   require(s.T >= 1, "T must be >= 1, got " + std::to_string(s.T));
@@ -88,20 +103,19 @@ void py_if_forward(uintptr_t x, int64_t x_len, DType dtype, int64_t T, int64_t N
   require(spikes && spikes_len >= T * N, "spikes must hold T*N elements");
   check_state_outputs(shape, v_final, v_final_len, step_counts, step_counts_len, neuron_counts, neuron_counts_len);
   require(spike_dtype == dtype || spike_dtype == DType::kUInt8, "spikes must be in the dtype of x or uint8");
-  by_dtype(dtype, [&](auto types) {
+  by_dtype_with_params(dtype, N, v_th, v_th_len, v_init, v_init_len, [&](auto types, auto th, auto v0) {
     using In = typename decltype(types)::In;
     using Acc = typename decltype(types)::Acc;
-    const auto th = neuron_param<Acc>(v_th, v_th_len, N, "v_th");
-    const auto v0 = neuron_param<Acc>(v_init, v_init_len, N, "v_init");
-    py::gil_scoped_release release;
+    const auto run = [&](auto* spikes_out) {  // spikes in the input's type, or as bytes
+      using Out = std::remove_pointer_t<decltype(spikes_out)>;
+      if_forward<In, Out, Acc>(as_ptr<const In>(x), shape, th, v0, static_cast<Acc>(v_reset), reset, spikes_out,
+                               as_ptr<Acc>(v_final), as_ptr<int64_t>(step_counts), as_ptr<int32_t>(neuron_counts),
+                               num_threads);
+    };
     if (spike_dtype == DType::kUInt8) {
-      if_forward<In, uint8_t, Acc>(as_ptr<const In>(x), shape, th, v0, static_cast<Acc>(v_reset), reset,
-                                   as_ptr<uint8_t>(spikes), as_ptr<Acc>(v_final), as_ptr<int64_t>(step_counts),
-                                   as_ptr<int32_t>(neuron_counts), num_threads);
+      run(as_ptr<uint8_t>(spikes));
     } else {
-      if_forward<In, In, Acc>(as_ptr<const In>(x), shape, th, v0, static_cast<Acc>(v_reset), reset,
-                              as_ptr<In>(spikes), as_ptr<Acc>(v_final), as_ptr<int64_t>(step_counts),
-                              as_ptr<int32_t>(neuron_counts), num_threads);
+      run(as_ptr<In>(spikes));
     }
   });
 }
@@ -121,12 +135,9 @@ void py_if_forward_pool2x2(uintptr_t x, int64_t x_len, DType dtype, int64_t T, i
   require(pooled && pooled_len >= T * planes * pool.out_h() * pool.out_w() * inner,
           "pooled must hold T*planes*out_h*out_w*inner elements");
   check_state_outputs(shape, v_final, v_final_len, step_counts, step_counts_len, neuron_counts, neuron_counts_len);
-  by_dtype(dtype, [&](auto types) {
+  by_dtype_with_params(dtype, N, v_th, v_th_len, v_init, v_init_len, [&](auto types, auto th, auto v0) {
     using In = typename decltype(types)::In;
     using Acc = typename decltype(types)::Acc;
-    const auto th = neuron_param<Acc>(v_th, v_th_len, N, "v_th");
-    const auto v0 = neuron_param<Acc>(v_init, v_init_len, N, "v_init");
-    py::gil_scoped_release release;
     if_forward_pool2x2<In, Acc>(as_ptr<const In>(x), shape, pool, th, v0, static_cast<Acc>(v_reset), reset,
                                 static_cast<Acc>(scale), as_ptr<In>(pooled), as_ptr<Acc>(v_final),
                                 as_ptr<int64_t>(step_counts), as_ptr<int32_t>(neuron_counts), num_threads);
@@ -146,12 +157,9 @@ void py_if_backward(uintptr_t grad_spikes, int64_t grad_spikes_len, uintptr_t gr
   require(grad_x && grad_x_len >= T * N, "grad_x must hold T*N elements");
   require(grad_v_init && grad_v_init_len >= N, "grad_v_init must hold N elements");
   require(width > 0, "width must be > 0");
-  by_dtype(dtype, [&](auto types) {
+  by_dtype_with_params(dtype, N, v_th, v_th_len, v_init, v_init_len, [&](auto types, auto th, auto v0) {
     using In = typename decltype(types)::In;
     using Acc = typename decltype(types)::Acc;
-    const auto th = neuron_param<Acc>(v_th, v_th_len, N, "v_th");
-    const auto v0 = neuron_param<Acc>(v_init, v_init_len, N, "v_init");
-    py::gil_scoped_release release;
     if_backward<In, Acc>(as_ptr<const In>(grad_spikes), as_ptr<const Acc>(grad_v_final), as_ptr<const In>(x),
                          shape, th, v0, static_cast<Acc>(v_reset), reset, surrogate, static_cast<Acc>(width),
                          detach_reset, as_ptr<In>(grad_x), as_ptr<Acc>(grad_v_init), num_threads);

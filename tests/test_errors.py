@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -173,12 +175,18 @@ def test_cpp_entry_points_check_sizes_before_touching_memory():
         )
 
 
+def _run_python(code: str, cwd) -> subprocess.CompletedProcess:
+    """Runs ``code`` in a fresh Python without RNL_FAST_BACKEND and TRITON_INTERPRET; cwd away from
+    the source tree (``python -c`` puts the cwd first on sys.path). Asserts that it exits cleanly."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RNL_FAST_BACKEND", "TRITON_INTERPRET")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, cwd=cwd)
+    assert out.returncode == 0, out.stderr
+    return out
+
+
 def test_import_and_cpu_path_without_triton(tmp_path):
     """triton is optional: rnl_fast imports and runs on CPU without it, and asking for the
     Triton backend then says what to install."""
-    import subprocess
-    import sys
-
     code = (
         "import sys; sys.modules['triton'] = None\n"
         "import os, torch, rnl_fast\n"
@@ -186,12 +194,7 @@ def test_import_and_cpu_path_without_triton(tmp_path):
         "os.environ['RNL_FAST_BACKEND'] = 'triton'\n"
         "try:\n    rnl_fast.if_sequence(torch.rand(4, 3))\nexcept RuntimeError as e:\n    print(e)\n"
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("RNL_FAST_BACKEND", "TRITON_INTERPRET")}
-    # cwd away from the source tree: `python -c` puts the cwd first on sys.path.
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path
-    )
-    assert out.returncode == 0, out.stderr
+    out = _run_python(code, tmp_path)
     assert "needs triton" in out.stdout
 
 
@@ -199,20 +202,13 @@ def test_import_and_cpu_path_without_triton(tmp_path):
 def test_triton_backend_on_cpu_needs_the_interpreter(tmp_path):
     """Without TRITON_INTERPRET=1 the Triton kernels cannot run on CPU tensors: asking for them says
     how to switch the interpreter on, and the library does not switch it on by itself."""
-    import subprocess
-    import sys
-
     code = (
         "import os, torch, rnl_fast\n"
         "os.environ['RNL_FAST_BACKEND'] = 'triton'\n"
         "try:\n    rnl_fast.if_sequence(torch.rand(4, 3))\nexcept RuntimeError as e:\n    print(e)\n"
         "print('TRITON_INTERPRET' in os.environ)\n"
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("RNL_FAST_BACKEND", "TRITON_INTERPRET")}
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path
-    )
-    assert out.returncode == 0, out.stderr
+    out = _run_python(code, tmp_path)
     message, interpret_set = out.stdout.strip().splitlines()
     assert "set TRITON_INTERPRET=1 in the environment before the process imports triton" in message
     assert interpret_set == "False"

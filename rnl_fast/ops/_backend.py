@@ -46,6 +46,11 @@ def cpp_dtype(dtype: torch.dtype):
     return getattr(cpp().DType, str(dtype).removeprefix("torch."))
 
 
+def cpp_reset(hard_reset: bool):
+    """The C++ extension's ``Reset`` (``Reset.hard`` or ``Reset.soft``)."""
+    return cpp().Reset.hard if hard_reset else cpp().Reset.soft
+
+
 def triton(on_cpu: bool) -> ModuleType:
     """The Triton launchers ``rnl_fast.kernels``; for CPU tensors they must have been built for the
     Triton interpreter, which this library does not switch on by itself (a process-wide setting)."""

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .. import reference
 from ..numerics import compute_dtype_of
-from ._backend import backend_for, cpp, cpp_dtype, threads, triton
+from ._backend import backend_for, cpp, cpp_dtype, cpp_reset, threads, triton
 from ._checks import check_if_input, check_surrogate, check_v_reset, neuron_param
 from ._if_io import ForwardIO, IFResult, cpp_param_args, cpp_x_args, fake_state_outputs, if_result
 from .layout import in_order, logical, neuron_order, time_major
@@ -50,11 +50,10 @@ def _if_forward(
             io.counted(),
         )
     else:
-        C = cpp()
-        C.if_forward(
+        cpp().if_forward(
             **io.cpp_in_args(),
             v_reset=v_reset,
-            reset=C.Reset.hard if hard_reset else C.Reset.soft,
+            reset=cpp_reset(hard_reset),
             spikes=spike_store.data_ptr(),
             spikes_len=spike_store.numel(),
             spike_dtype=cpp_dtype(spike_store.dtype),
@@ -109,8 +108,7 @@ def _if_backward(
             grad_v_init,
         )
     else:
-        C = cpp()
-        C.if_backward(
+        cpp().if_backward(
             grad_spikes=0 if gs is None else gs.data_ptr(),
             grad_spikes_len=0 if gs is None else gs.numel(),
             grad_v_final=0 if gv is None else gv.data_ptr(),
@@ -118,8 +116,8 @@ def _if_backward(
             **cpp_x_args(x2),
             **cpp_param_args(v_th, v_init),
             v_reset=v_reset,
-            reset=C.Reset.hard if hard_reset else C.Reset.soft,
-            surrogate=getattr(C.Surrogate, surrogate),
+            reset=cpp_reset(hard_reset),
+            surrogate=getattr(cpp().Surrogate, surrogate),
             width=width,
             detach_reset=detach_reset,
             grad_x=grad_x.data_ptr(),

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ._backend import backend_for, cpp, threads, triton
+from ._backend import backend_for, cpp, cpp_reset, threads, triton
 from ._checks import check_if_input, check_v_reset, neuron_param
 from ._if_io import ForwardIO, IFResult, fake_state_outputs, if_result
 from .layout import logical, neuron_order, pool_geometry, pool_out_size
@@ -49,8 +49,7 @@ def _if_pool_forward(
             io.counted(),
         )
     else:
-        C = cpp()
-        C.if_forward_pool2x2(
+        cpp().if_forward_pool2x2(
             **io.cpp_in_args(),
             planes=planes,
             H=H,
@@ -58,7 +57,7 @@ def _if_pool_forward(
             inner=inner,
             ceil_mode=ceil_mode,
             v_reset=v_reset,
-            reset=C.Reset.hard if hard_reset else C.Reset.soft,
+            reset=cpp_reset(hard_reset),
             scale=scale,
             pooled=pooled.data_ptr(),
             pooled_len=pooled.numel(),

@@ -28,6 +28,19 @@ class RateNormResult(NamedTuple):
     sum_r2: Tensor  #: ``[]`` Σr̂² over all elements
 
 
+def _cpp_args(x1: Tensor, raw_p: Tensor, running_max: Tensor) -> dict:
+    """The flat input and the scalars θ is computed from, as the C++ entry points take them: the
+    values of raw_p and of the float32 running max are exact as Python floats."""
+    return dict(
+        x=x1.data_ptr(),
+        x_len=x1.numel(),
+        dtype=cpp_dtype(x1.dtype),
+        raw_p=raw_p.item(),
+        running_max=running_max.item(),
+        theta_eps=THETA_EPS,
+    )
+
+
 @torch.library.custom_op("rnl_fast::rate_norm_forward", mutates_args=())
 def _rate_norm_forward(
     x: Tensor, raw_p: Tensor, running_max: Tensor, momentum: float, training: bool
@@ -44,14 +57,9 @@ def _rate_norm_forward(
         return r.view(x.shape), running_max_out, sums[0].clone(), sums[1].clone()  # no aliased outputs
     # CPU tensors: reading the scalars on the host costs no device synchronisation.
     running_max_used, sum_r, sum_r2 = cpp().rate_norm_forward(
-        x=x1.data_ptr(),
-        x_len=x1.numel(),
-        dtype=cpp_dtype(x.dtype),
-        raw_p=raw_p.item(),
-        running_max=running_max.item(),
+        **_cpp_args(x1, raw_p, running_max),
         momentum=momentum,
         training=training,
-        theta_eps=THETA_EPS,
         r=r.data_ptr(),
         r_len=r.numel(),
         num_threads=threads(),
@@ -99,12 +107,7 @@ def _rate_norm_backward(
         grad_r_len=0 if g1 is None else g1.numel(),
         grad_sum_r=grad_sum_r,
         grad_sum_r2=grad_sum_r2,
-        x=x1.data_ptr(),
-        x_len=x1.numel(),
-        dtype=cpp_dtype(x.dtype),
-        raw_p=raw_p.item(),
-        running_max=running_max.item(),
-        theta_eps=THETA_EPS,
+        **_cpp_args(x1, raw_p, running_max),
         grad_x=grad_x.data_ptr(),
         grad_x_len=grad_x.numel(),
         num_threads=threads(),
