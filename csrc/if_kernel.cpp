@@ -189,16 +189,13 @@ void if_backward(const In* grad_spikes, const Acc* grad_v_final, const In* x, IF
   template void if_forward<In, Out, Acc>(const In*, IFShape, NeuronParam<Acc>,                 \
                                          NeuronParam<Acc>, Acc, Reset, Out*, Acc*, int64_t*,   \
                                          int32_t*, int);
-#define RNL_FAST_IF_TYPES(In, Acc)                                                             \
+#define RNL_FAST_IF_TYPES(code, In, Acc)                                                       \
   RNL_FAST_IF_FORWARD(In, In, Acc)                                                             \
   RNL_FAST_IF_FORWARD(In, uint8_t, Acc)                                                        \
   template void if_backward<In, Acc>(const In*, const Acc*, const In*, IFShape,                \
                                      NeuronParam<Acc>, NeuronParam<Acc>, Acc, Reset, Surrogate, \
                                      Acc, bool, In*, Acc*, int);
 
-RNL_FAST_IF_TYPES(float, float)
-RNL_FAST_IF_TYPES(double, double)
-RNL_FAST_IF_TYPES(f16_t, float)
-RNL_FAST_IF_TYPES(bf16_t, float)
+RNL_FAST_INPUT_TYPES(RNL_FAST_IF_TYPES)
 
 }  // namespace rnl_fast

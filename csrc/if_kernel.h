@@ -7,10 +7,11 @@
 
 namespace rnl_fast {
 
-// Which membrane reset follows a spike.
-enum class Reset : int { kSoft = 0, kHard = 1 };
-// The surrogate derivative of the Heaviside step used by the backward pass (reference.py).
-enum class Surrogate : int { kAtan = 0, kRectangle = 1 };
+// Which membrane reset follows a spike (rnl_fast._C.Reset.soft / .hard in Python).
+enum class Reset { kSoft, kHard };
+// The surrogate derivative of the Heaviside step used by the backward pass (reference.py); Python
+// passes it by name, rnl_fast._C.Surrogate.atan / .rectangle (rnl_fast.numerics.SURROGATES).
+enum class Surrogate { kAtan, kRectangle };
 
 // A per-neuron parameter given either once for all neurons (len 1) or per neuron (len N).
 template <typename Acc>

@@ -220,13 +220,10 @@ void if_forward_pool2x2(const In* x, IFShape shape, PoolShape pool, NeuronParam<
   }
 }
 
-#define RNL_FAST_IF_POOL(In, Acc)                                                                      \
+#define RNL_FAST_IF_POOL(code, In, Acc)                                                                \
   template void if_forward_pool2x2<In, Acc>(const In*, IFShape, PoolShape, NeuronParam<Acc>,           \
                                             NeuronParam<Acc>, Acc, Reset, Acc, In*, Acc*, int64_t*,  \
                                             int32_t*, int);
-RNL_FAST_IF_POOL(float, float)
-RNL_FAST_IF_POOL(double, double)
-RNL_FAST_IF_POOL(f16_t, float)
-RNL_FAST_IF_POOL(bf16_t, float)
+RNL_FAST_INPUT_TYPES(RNL_FAST_IF_POOL)
 
 }  // namespace rnl_fast

@@ -9,8 +9,18 @@
 
 namespace rnl_fast {
 
-// Storage codes shared with rnl_fast/ops.py (_DTYPE_CODES): keep the two in sync.
-enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3, kUInt8 = 4 };
+// Storage types of the tensors the entry points take. Python finds them by name, as
+// rnl_fast._C.DType.float32 etc. (torch's dtype names, bound in bindings.cpp).
+enum class DType { kFloat32, kFloat64, kFloat16, kBFloat16, kUInt8 };
+
+// Every input type of the kernels: X(DType code, storage type In, arithmetic type Acc), Acc being
+// double for float64 and float otherwise (rnl_fast.numerics.compute_dtype_of). The kernels are
+// instantiated from this one list, and bindings.cpp's by_dtype dispatches on it.
+#define RNL_FAST_INPUT_TYPES(X) \
+  X(kFloat32, float, float)     \
+  X(kFloat64, double, double)   \
+  X(kFloat16, f16_t, float)     \
+  X(kBFloat16, bf16_t, float)
 
 // Below this many elements one thread does the work: waking an OpenMP team costs more than it
 // saves, and on a loaded machine a spinning team can stall a tiny call for milliseconds.

@@ -5,11 +5,16 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <stdexcept>
+
+#include "rate_norm_scalars.h"
 
 namespace rnl_fast {
+namespace {
 
+// max(relu(x)) over all M elements, NaN elements skipped.
 template <typename In>
-double relu_max(const In* x, int64_t M, int num_threads) {
+float relu_max(const In* x, int64_t M, int num_threads) {
   float best = 0.0f;  // relu: the max is never below 0
 #pragma omp parallel for simd num_threads(num_threads) if (M >= kParallelMinWork) reduction(max : best) schedule(static)
   for (int64_t i = 0; i < M; ++i) {
@@ -19,8 +24,14 @@ double relu_max(const In* x, int64_t M, int num_threads) {
   return best;
 }
 
+struct RateSums {
+  double sum_r;
+  double sum_r2;
+};
+
+// Writes r [M] and returns (Σr, Σr²), accumulated in double.
 template <typename In, typename Acc>
-RateSums rate_norm_forward(const In* x, int64_t M, Acc theta, In* r, int num_threads) {
+RateSums forward_pass(const In* x, int64_t M, Acc theta, In* r, int num_threads) {
   double sum_r = 0.0, sum_r2 = 0.0;
 #pragma omp parallel num_threads(num_threads) if (M >= kParallelMinWork)
   {
@@ -51,8 +62,6 @@ RateSums rate_norm_forward(const In* x, int64_t M, Acc theta, In* r, int num_thr
   }
   return {sum_r, sum_r2};
 }
-
-namespace {
 
 // HAS_GRAD_R is a template argument so that the loop carries no null check on grad_r. (With
 // -ftrapping-math GCC left this loop scalar: 8.4 ms instead of 0.8 ms for 3.2M fp32; setup.py.)
@@ -86,24 +95,43 @@ double backward_pass(const In* __restrict grad_r, Acc grad_sum_r, Acc grad_sum_r
   return grad_theta;
 }
 
+// θ of the call (rate_norm_scalars.h), refused unless positive: r = clip(x, 0, θ)/θ needs θ > 0.
+template <typename Acc>
+RateNormThreshold<Acc> checked_threshold(double raw_p, float running_max, double theta_eps) {
+  const auto threshold = rate_norm_threshold<Acc>(raw_p, running_max, theta_eps);
+  if (!(threshold.theta > Acc(0))) {
+    throw std::invalid_argument("rnl_fast._C: theta = sigmoid(raw_p)*running_max + theta_eps must be > 0");
+  }
+  return threshold;
+}
+
 }  // namespace
 
 template <typename In, typename Acc>
-double rate_norm_backward(const In* grad_r, Acc grad_sum_r, Acc grad_sum_r2, const In* x,
-                          int64_t M, Acc theta, In* grad_x, int num_threads) {
-  return grad_r ? backward_pass<true>(grad_r, grad_sum_r, grad_sum_r2, x, M, theta, grad_x, num_threads)
-                : backward_pass<false>(grad_r, grad_sum_r, grad_sum_r2, x, M, theta, grad_x, num_threads);
+RateNormForward rate_norm_forward(const In* x, int64_t M, double raw_p, float running_max, double momentum,
+                                  bool training, double theta_eps, In* r, int num_threads) {
+  if (training) running_max = blend_running_max(running_max, relu_max(x, M, num_threads), momentum);
+  const Acc theta = checked_threshold<Acc>(raw_p, running_max, theta_eps).theta;
+  const RateSums sums = forward_pass(x, M, theta, r, num_threads);
+  return {running_max, sums.sum_r, sums.sum_r2};
 }
 
-#define RNL_FAST_RATE_NORM_TYPES(In, Acc)                                                    \
-  template double relu_max<In>(const In*, int64_t, int);                                     \
-  template RateSums rate_norm_forward<In, Acc>(const In*, int64_t, Acc, In*, int);           \
-  template double rate_norm_backward<In, Acc>(const In*, Acc, Acc, const In*, int64_t, Acc,  \
-                                              In*, int);
+template <typename In, typename Acc>
+Acc rate_norm_backward(const In* grad_r, Acc grad_sum_r, Acc grad_sum_r2, const In* x, int64_t M, double raw_p,
+                       float running_max, double theta_eps, In* grad_x, int num_threads) {
+  const auto threshold = checked_threshold<Acc>(raw_p, running_max, theta_eps);
+  const double grad_theta =
+      grad_r ? backward_pass<true>(grad_r, grad_sum_r, grad_sum_r2, x, M, threshold.theta, grad_x, num_threads)
+             : backward_pass<false>(grad_r, grad_sum_r, grad_sum_r2, x, M, threshold.theta, grad_x, num_threads);
+  return grad_raw_p(grad_theta, running_max, threshold.p);
+}
 
-RNL_FAST_RATE_NORM_TYPES(float, float)
-RNL_FAST_RATE_NORM_TYPES(double, double)
-RNL_FAST_RATE_NORM_TYPES(f16_t, float)
-RNL_FAST_RATE_NORM_TYPES(bf16_t, float)
+#define RNL_FAST_RATE_NORM_TYPES(code, In, Acc)                                                             \
+  template RateNormForward rate_norm_forward<In, Acc>(const In*, int64_t, double, float, double, bool, double, \
+                                                      In*, int);                                          \
+  template Acc rate_norm_backward<In, Acc>(const In*, Acc, Acc, const In*, int64_t, double, float, double,  \
+                                           In*, int);
+
+RNL_FAST_INPUT_TYPES(RNL_FAST_RATE_NORM_TYPES)
 
 }  // namespace rnl_fast

@@ -1,5 +1,6 @@
-// Rate Norm Layer on CPU tensors (paper Eq. 6): r = clip(x, 0, θ) / θ, with the sums that the
-// Rate Inference Loss needs (Eq. 8) taken in the same pass.
+// Rate Norm Layer on CPU tensors (paper Eq. 6): r = clip(x, 0, θ) / θ with
+// θ = sigmoid(raw_p)·running_max + eps, and the sums that the Rate Inference Loss needs (Eq. 8)
+// taken in the same pass. The scalars (running max, θ, dL/draw_p) are rate_norm_scalars.h's.
 #pragma once
 
 #include <cstdint>
@@ -8,22 +9,24 @@
 
 namespace rnl_fast {
 
-// max(relu(x)) over all M elements, NaN elements skipped.
-template <typename In>
-double relu_max(const In* x, int64_t M, int num_threads);
-
-// Writes r [M] and returns (Σr, Σr²), accumulated in double.
-struct RateSums {
-  double sum_r;
-  double sum_r2;
+struct RateNormForward {
+  float running_max;  // the running max θ was computed from
+  double sum_r;       // Σr, accumulated in double
+  double sum_r2;      // Σr²
 };
-template <typename In, typename Acc>
-RateSums rate_norm_forward(const In* x, int64_t M, Acc theta, In* r, int num_threads);
 
-// grad_x = g/θ inside [0, θ] (else 0), g = grad_r + grad_sum_r + 2·r·grad_sum_r2; returns
-// dL/dθ = Σ_inside −g·r/θ. grad_r may be null (zero).
+// In training mode the running max is first blended with max(relu(x)) over the M elements (NaN
+// skipped); then θ is computed and r [M] written. raw_p (any float dtype) and the float32 running
+// max come as Python holds them. Throws std::invalid_argument unless θ > 0.
 template <typename In, typename Acc>
-double rate_norm_backward(const In* grad_r, Acc grad_sum_r, Acc grad_sum_r2, const In* x,
-                          int64_t M, Acc theta, In* grad_x, int num_threads);
+RateNormForward rate_norm_forward(const In* x, int64_t M, double raw_p, float running_max, double momentum,
+                                  bool training, double theta_eps, In* r, int num_threads);
+
+// Writes grad_x = g/θ inside [0, θ] (else 0), g = grad_r + grad_sum_r + 2·r·grad_sum_r2, with θ
+// recomputed from raw_p and the running max the forward pass used; returns dL/draw_p, from
+// dL/dθ = Σ_inside −g·r/θ. grad_r may be null (zero). Throws std::invalid_argument unless θ > 0.
+template <typename In, typename Acc>
+Acc rate_norm_backward(const In* grad_r, Acc grad_sum_r, Acc grad_sum_r2, const In* x, int64_t M, double raw_p,
+                       float running_max, double theta_eps, In* grad_x, int num_threads);
 
 }  // namespace rnl_fast

@@ -23,10 +23,6 @@ import triton.language as tl
 
 from ._autotune import block_configs, size_class
 
-#: Surrogate ids for the ``SURROGATE`` constexpr; names as in ``reference.SURROGATES``.
-SURROGATE_ATAN = tl.constexpr(0)
-SURROGATE_RECTANGLE = tl.constexpr(1)
-_SURROGATE_IDS = {"atan": 0, "rectangle": 1}
 _PI = tl.constexpr(math.pi)
 
 
@@ -80,11 +76,11 @@ def _load_neuron_state(
 @triton.jit
 def _surrogate_grad(
     u,  # [BLOCK] m − v_th, compute dtype
-    SURROGATE: tl.constexpr,  # SURROGATE_ATAN or SURROGATE_RECTANGLE
+    SURROGATE: tl.constexpr,  # its name: "atan" or "rectangle" (rnl_fast.numerics.SURROGATES)
     WIDTH: tl.constexpr,  # full width w of the surrogate, in membrane units
 ):
     """σ'(u), written in the same order of operations as ``reference.surrogate_grad``."""
-    if SURROGATE == SURROGATE_ATAN:
+    if SURROGATE == "atan":
         z = _PI * u / WIDTH
         grad = (1.0 / WIDTH) / (1.0 + z * z)
     else:
@@ -166,7 +162,7 @@ def _if_bwd_kernel(
     V_INIT_PER_NEURON: tl.constexpr,  # v_init has N elements (else one for all neurons)
     HARD_RESET: tl.constexpr,  # hard reset to V_RESET instead of soft reset by subtraction
     V_RESET: tl.constexpr,  # hard-reset potential
-    SURROGATE: tl.constexpr,  # SURROGATE_ATAN or SURROGATE_RECTANGLE
+    SURROGATE: tl.constexpr,  # surrogate name, "atan" or "rectangle"
     WIDTH: tl.constexpr,  # surrogate width w > 0
     DETACH_RESET: tl.constexpr,  # no gradient through the reset term
     BLOCK: tl.constexpr,  # neurons per program
@@ -183,7 +179,7 @@ def _if_bwd_kernel(
     # same values) and keep m_t, which is all the reverse sweep needs.
     x_ptrs = x_ptr + neurons
     membrane_ptrs = membrane_ptr + neurons
-    for t in range(T):
+    for _t in range(T):
         x_t = tl.load(x_ptrs, mask=in_range, other=0.0).to(compute_dtype)
         m, _, v = _if_step(v, x_t, v_th, HARD_RESET, V_RESET)
         tl.store(membrane_ptrs, m, mask=in_range)
@@ -256,7 +252,7 @@ def if_fwd(
     step_counts: torch.Tensor,
     neuron_counts: torch.Tensor | None,
 ) -> None:
-    """Runs T steps of IF neurons; writes into the caller's output tensors (rnl_fast/ops.py validates).
+    """Runs T steps of IF neurons; writes into the caller's output tensors (``rnl_fast.ops`` validates).
 
     Args:
         x: ``[T, N]`` float32/float16/bfloat16/float64, ``x.stride(1) == 1`` and
@@ -345,7 +341,7 @@ def if_bwd(
         V_INIT_PER_NEURON=v_init.numel() != 1,
         HARD_RESET=hard_reset,
         V_RESET=float(v_reset) if hard_reset else 0.0,
-        SURROGATE=_SURROGATE_IDS[surrogate],
+        SURROGATE=surrogate,
         WIDTH=float(width),
         DETACH_RESET=detach_reset,
     )

@@ -23,7 +23,9 @@ from .if_kernels import _if_step, _load_neuron_state
 
 
 @triton.jit
-def _fire(v, x_ptrs, time_offset, mask, v_th, compute_dtype: tl.constexpr, HARD_RESET: tl.constexpr, V_RESET: tl.constexpr):
+def _fire(
+    v, x_ptrs, time_offset, mask, v_th, compute_dtype: tl.constexpr, HARD_RESET: tl.constexpr, V_RESET: tl.constexpr
+):
     """One step of one neuron of each quad: returns (spike as int32, 0 where masked; next membrane)."""
     x_t = tl.load(x_ptrs + time_offset, mask=mask, other=0.0).to(compute_dtype)
     _, fired, v = _if_step(v, x_t, v_th, HARD_RESET, V_RESET)
@@ -90,10 +92,18 @@ def _if_fwd_pool_kernel(
     m10 = in_range & has_bottom
     m11 = m01 & has_bottom
 
-    th00, v00 = _load_neuron_state(v_th_ptr, v_init_ptr, n00, m00, compute_dtype, V_TH_PER_NEURON, V_INIT_PER_NEURON, BLOCK)
-    th01, v01 = _load_neuron_state(v_th_ptr, v_init_ptr, n00 + right, m01, compute_dtype, V_TH_PER_NEURON, V_INIT_PER_NEURON, BLOCK)
-    th10, v10 = _load_neuron_state(v_th_ptr, v_init_ptr, n00 + below, m10, compute_dtype, V_TH_PER_NEURON, V_INIT_PER_NEURON, BLOCK)
-    th11, v11 = _load_neuron_state(v_th_ptr, v_init_ptr, n00 + below + right, m11, compute_dtype, V_TH_PER_NEURON, V_INIT_PER_NEURON, BLOCK)
+    th00, v00 = _load_neuron_state(
+        v_th_ptr, v_init_ptr, n00, m00, compute_dtype, V_TH_PER_NEURON, V_INIT_PER_NEURON, BLOCK
+    )
+    th01, v01 = _load_neuron_state(
+        v_th_ptr, v_init_ptr, n00 + right, m01, compute_dtype, V_TH_PER_NEURON, V_INIT_PER_NEURON, BLOCK
+    )
+    th10, v10 = _load_neuron_state(
+        v_th_ptr, v_init_ptr, n00 + below, m10, compute_dtype, V_TH_PER_NEURON, V_INIT_PER_NEURON, BLOCK
+    )
+    th11, v11 = _load_neuron_state(
+        v_th_ptr, v_init_ptr, n00 + below + right, m11, compute_dtype, V_TH_PER_NEURON, V_INIT_PER_NEURON, BLOCK
+    )
     c00 = tl.zeros([BLOCK], dtype=tl.int32)
     c01 = tl.zeros([BLOCK], dtype=tl.int32)
     c10 = tl.zeros([BLOCK], dtype=tl.int32)
@@ -176,12 +186,29 @@ def if_fwd_pool2x2(
     step_counts.zero_()  # the kernel accumulates into it with atomics
     scale_t = torch.tensor(scale, dtype=v_final.dtype, device=x.device)
     _if_fwd_pool_kernel[_grid(num_quads)](
-        x, v_th, v_init, scale_t, pooled, v_final, step_counts,
+        x,
+        v_th,
+        v_init,
+        scale_t,
+        pooled,
+        v_final,
+        step_counts,
         neuron_counts if neuron_counts is not None else step_counts,  # placeholder, never written
-        T, H, W, inner, OH, OW, QH, QW, num_quads, planes * OH * OW * inner, x.stride(0), size_class(num_quads),
+        T,
+        H,
+        W,
+        inner,
+        OH,
+        OW,
+        QH,
+        QW,
+        num_quads,
+        planes * OH * OW * inner,
+        x.stride(0),
+        size_class(num_quads),
         V_TH_PER_NEURON=v_th.numel() != 1,
         V_INIT_PER_NEURON=v_init.numel() != 1,
         HARD_RESET=hard_reset,
         V_RESET=float(v_reset) if hard_reset else 0.0,
         COUNT_NEURONS=neuron_counts is not None,
-    )  # fmt: skip
+    )

@@ -21,7 +21,6 @@ import triton.language as tl
 
 from ._autotune import block_configs, size_class
 
-
 _CONFIGS = block_configs()
 #: The partial-sum buffers have a row for every program of the smallest block in _CONFIGS.
 _MIN_BLOCK = min(config.kwargs["BLOCK"] for config in _CONFIGS)
@@ -186,7 +185,7 @@ def rate_norm_fwd(
     running_max_out: torch.Tensor,
     sums: torch.Tensor,
 ) -> None:
-    """Rate Norm forward; writes into the caller's output tensors (rnl_fast/ops.py validates).
+    """Rate Norm forward; writes into the caller's output tensors (``rnl_fast.ops`` validates).
 
     Args:
         x: ``[M]`` contiguous, float32/float16/bfloat16/float64.
@@ -194,7 +193,7 @@ def rate_norm_fwd(
         running_max: ``[]`` float32 running max before this batch (not modified).
         momentum: weight of the batch max in the running max update (training only).
         training: update the running max with ``max(relu(x))`` (NaN skipped) before using it.
-        eps: added to θ (``reference.THETA_EPS``).
+        eps: added to θ (``rnl_fast.numerics.THETA_EPS``).
         r: ``[M]`` out, ``x.dtype``: ``clamp(x, 0, θ) / θ``.
         running_max_out: ``[]`` float32 out: the running max used for θ.
         sums: ``[2]`` out, compute dtype (float32, float64 for float64 ``x``): Σr̂, Σr̂² of the

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from .reference import OMEGA_EPS, SURROGATES, THETA_EPS
+from .numerics import OMEGA_EPS, SURROGATES, THETA_EPS
 
 #: The raw logit that ``p_init = 1.0`` maps to: p = sigmoid(10) ≈ 0.99995, as the official code.
 RAW_P_MAX = 10.0

@@ -15,17 +15,8 @@ import math
 import torch
 from torch import Tensor
 
-#: Added to the Rate Norm threshold θ (official RNL code) so that θ never divides by zero.
-THETA_EPS = 1e-6
-#: Added to ‖r̂‖₂² in the Rate Inference Loss Ω = ‖r̂‖₁ / (‖r̂‖₂² + OMEGA_EPS) (official RNL code).
-OMEGA_EPS = 1e-5
-#: Names of the surrogate derivatives of the Heaviside step that the IF backward pass can use.
-SURROGATES = ("atan", "rectangle")
-
-
-def compute_dtype_of(dtype: torch.dtype) -> torch.dtype:
-    """The arithmetic dtype of every op: float64 for float64 tensors, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+# The shared conventions (numerics.py); reference.THETA_EPS etc. stay importable from here too.
+from .numerics import OMEGA_EPS, SURROGATES, THETA_EPS, compute_dtype_of
 
 
 def surrogate_grad(u: Tensor, surrogate: str, width: float) -> Tensor:

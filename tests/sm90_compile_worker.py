@@ -54,21 +54,53 @@ def variants(switches: dict[str, tuple]) -> list[dict]:
 
 
 KERNELS = {
-    "if_fwd": (if_kernels._if_fwd_kernel, dict(
-        V_TH_PER_NEURON=(False, True), V_INIT_PER_NEURON=(True,), HARD_RESET=(False, True), V_RESET=(0.0,),
-        COUNT_NEURONS=(False, True), BLOCK=(1024,))),
-    "if_bwd": (if_kernels._if_bwd_kernel, dict(
-        HAS_GRAD_SPIKES=(True,), HAS_GRAD_V_FINAL=(False, True), V_TH_PER_NEURON=(True,), V_INIT_PER_NEURON=(False,),
-        HARD_RESET=(False, True), V_RESET=(0.0,), SURROGATE=(0, 1), WIDTH=(1.0,), DETACH_RESET=(False, True),
-        BLOCK=(512,))),
-    "if_pool_fwd": (if_pool_kernels._if_fwd_pool_kernel, dict(
-        V_TH_PER_NEURON=(True,), V_INIT_PER_NEURON=(False, True), HARD_RESET=(False, True), V_RESET=(0.0,),
-        COUNT_NEURONS=(False, True), BLOCK=(256,))),
+    "if_fwd": (
+        if_kernels._if_fwd_kernel,
+        dict(
+            V_TH_PER_NEURON=(False, True),
+            V_INIT_PER_NEURON=(True,),
+            HARD_RESET=(False, True),
+            V_RESET=(0.0,),
+            COUNT_NEURONS=(False, True),
+            BLOCK=(1024,),
+        ),
+    ),
+    "if_bwd": (
+        if_kernels._if_bwd_kernel,
+        dict(
+            HAS_GRAD_SPIKES=(True,),
+            HAS_GRAD_V_FINAL=(False, True),
+            V_TH_PER_NEURON=(True,),
+            V_INIT_PER_NEURON=(False,),
+            HARD_RESET=(False, True),
+            V_RESET=(0.0,),
+            SURROGATE=("atan", "rectangle"),
+            WIDTH=(1.0,),
+            DETACH_RESET=(False, True),
+            BLOCK=(512,),
+        ),
+    ),
+    "if_pool_fwd": (
+        if_pool_kernels._if_fwd_pool_kernel,
+        dict(
+            V_TH_PER_NEURON=(True,),
+            V_INIT_PER_NEURON=(False, True),
+            HARD_RESET=(False, True),
+            V_RESET=(0.0,),
+            COUNT_NEURONS=(False, True),
+            BLOCK=(256,),
+        ),
+    ),
     "rate_norm_max": (rate_norm_kernels._rate_norm_max_kernel, dict(BLOCK=(1024,))),
-    "rate_norm_fwd": (rate_norm_kernels._rate_norm_fwd_kernel, dict(
-        TRAINING=(False, True), KEEP=(0.9,), MOMENTUM=(0.1,), EPS=(1e-6,), BLOCK=(1024,))),
-    "rate_norm_bwd": (rate_norm_kernels._rate_norm_bwd_kernel, dict(HAS_GRAD_R=(False, True), EPS=(1e-6,), BLOCK=(1024,))),
-}  # fmt: skip
+    "rate_norm_fwd": (
+        rate_norm_kernels._rate_norm_fwd_kernel,
+        dict(TRAINING=(False, True), KEEP=(0.9,), MOMENTUM=(0.1,), EPS=(1e-6,), BLOCK=(1024,)),
+    ),
+    "rate_norm_bwd": (
+        rate_norm_kernels._rate_norm_bwd_kernel,
+        dict(HAS_GRAD_R=(False, True), EPS=(1e-6,), BLOCK=(1024,)),
+    ),
+}
 
 
 def main() -> int:

@@ -8,6 +8,8 @@ from torch import nn
 
 import rnl_fast
 import rnl_fast.ops  # noqa: F401  (registers the ops)
+from rnl_fast import _C
+from rnl_fast.numerics import FLOAT_DTYPES, SURROGATES
 
 
 def _if_args(requires_grad: bool):
@@ -62,6 +64,14 @@ def test_opcheck_rate_norm(requires_grad, training):
 def test_opcheck_rate_norm_backward():
     args = (torch.randn(4, 9), torch.randn(2), torch.randn(4, 9), torch.tensor(1.5), torch.tensor(1.2))
     torch.library.opcheck(torch.ops.rnl_fast.rate_norm_backward.default, args)
+
+
+def test_cpp_codes_are_found_by_name():
+    """Python passes the C++ codes by name: every name it may pass is bound, and only those."""
+    assert tuple(_C.Surrogate.__members__) == SURROGATES
+    assert tuple(_C.Reset.__members__) == ("soft", "hard")
+    names = [str(dtype).removeprefix("torch.") for dtype in (*FLOAT_DTYPES, torch.uint8)]
+    assert sorted(_C.DType.__members__) == sorted(names)
 
 
 class _TinyAnnSnn(nn.Module):

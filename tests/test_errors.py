@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -25,12 +28,20 @@ from rnl_fast import _C, ops
         pytest.param(torch.ones(4, 3), dict(v_th=-1.0), ValueError, "v_th must be positive", id="v_th-neg"),
         pytest.param(torch.ones(4, 3), dict(v_th=math.nan), ValueError, "v_th must be positive", id="v_th-nan"),
         pytest.param(torch.ones(4, 3), dict(v_th=math.inf), ValueError, "v_th must be positive", id="v_th-inf"),
-        pytest.param(torch.ones(4, 3), dict(v_th=torch.tensor([1.0, -1.0, 1.0])), ValueError, "v_th must be positive", id="v_th-tensor-neg"),
+        pytest.param(
+            torch.ones(4, 3),
+            dict(v_th=torch.tensor([1.0, -1.0, 1.0])),
+            ValueError,
+            "v_th must be positive",
+            id="v_th-tensor-neg",
+        ),
         pytest.param(torch.ones(4, 3), dict(v_th=torch.ones(2)), ValueError, "does not broadcast", id="v_th-shape"),
         pytest.param(torch.ones(4, 3), dict(v_init=torch.ones(5, 3)), ValueError, "v_init of shape", id="v_init-shape"),
         pytest.param(torch.ones(4, 3), dict(v_init=math.nan), ValueError, "v_init must be finite", id="v_init-nan"),
         pytest.param(torch.ones(4, 3), dict(spike_dtype=torch.int32), ValueError, "spike_dtype", id="spike-dtype"),
-        pytest.param(torch.ones(4, 3), dict(surrogate="sigmoid"), ValueError, "surrogate must be one of", id="surrogate"),
+        pytest.param(
+            torch.ones(4, 3), dict(surrogate="sigmoid"), ValueError, "surrogate must be one of", id="surrogate"
+        ),
         pytest.param(torch.ones(4, 3), dict(width=0.0), ValueError, "width", id="width"),
         pytest.param(torch.ones(4, 3), dict(v_reset=math.inf), ValueError, "v_reset", id="v_reset-inf"),
     ],
@@ -57,10 +68,19 @@ def test_devices_differ_on_meta():
 @pytest.mark.parametrize(
     "args, error, match",
     [
-        pytest.param((torch.ones(3, dtype=torch.int32), torch.tensor(1.0), torch.tensor(1.0)), TypeError, "x must be float32", id="int-x"),
-        pytest.param((torch.ones(0), torch.tensor(1.0), torch.tensor(1.0)), ValueError, "at least one element", id="empty"),
+        pytest.param(
+            (torch.ones(3, dtype=torch.int32), torch.tensor(1.0), torch.tensor(1.0)),
+            TypeError,
+            "x must be float32",
+            id="int-x",
+        ),
+        pytest.param(
+            (torch.ones(0), torch.tensor(1.0), torch.tensor(1.0)), ValueError, "at least one element", id="empty"
+        ),
         pytest.param((torch.ones(3), torch.ones(2), torch.tensor(1.0)), ValueError, "raw_p must be", id="raw-p-shape"),
-        pytest.param((torch.ones(3), torch.tensor(1.0), torch.tensor(1)), ValueError, "running_max must be", id="running-max-int"),
+        pytest.param(
+            (torch.ones(3), torch.tensor(1.0), torch.tensor(1)), ValueError, "running_max must be", id="running-max-int"
+        ),
     ],
 )
 def test_rate_norm_bad_input(backend, args, error, match):
@@ -103,8 +123,30 @@ def test_cpp_entry_points_check_sizes_before_touching_memory():
     vf, sc, nc = torch.empty(8), torch.empty(4, dtype=torch.int64), torch.empty(8, dtype=torch.int32)
 
     def call(T=4, N=8, x_len=32, stride=8, spikes_len=32, th_len=1, sc_len=4):
-        _C.if_forward(x.data_ptr(), x_len, 0, T, N, stride, th.data_ptr(), th_len, v0.data_ptr(), 1, 0.0, 0,
-                      out.data_ptr(), spikes_len, 0, vf.data_ptr(), 8, sc.data_ptr(), sc_len, nc.data_ptr(), 8, 1)
+        _C.if_forward(
+            x=x.data_ptr(),
+            x_len=x_len,
+            dtype=_C.DType.float32,
+            T=T,
+            N=N,
+            t_stride=stride,
+            v_th=th.data_ptr(),
+            v_th_len=th_len,
+            v_init=v0.data_ptr(),
+            v_init_len=1,
+            v_reset=0.0,
+            reset=_C.Reset.soft,
+            spikes=out.data_ptr(),
+            spikes_len=spikes_len,
+            spike_dtype=_C.DType.float32,
+            v_final=vf.data_ptr(),
+            v_final_len=8,
+            step_counts=sc.data_ptr(),
+            step_counts_len=sc_len,
+            neuron_counts=nc.data_ptr(),
+            neuron_counts_len=8,
+            num_threads=1,
+        )
 
     call()  # the honest call works
     for bad, match in [
@@ -118,15 +160,33 @@ def test_cpp_entry_points_check_sizes_before_touching_memory():
         with pytest.raises(ValueError, match=match):
             call(**bad)
     with pytest.raises(ValueError, match="r must hold"):
-        _C.rate_norm_forward(x.data_ptr(), 32, 0, 1.0, small.data_ptr(), 3, 1)
+        _C.rate_norm_forward(
+            x=x.data_ptr(),
+            x_len=32,
+            dtype=_C.DType.float32,
+            raw_p=1.0,
+            running_max=1.0,
+            momentum=0.1,
+            training=False,
+            theta_eps=1e-6,
+            r=small.data_ptr(),
+            r_len=3,
+            num_threads=1,
+        )
+
+
+def _run_python(code: str, cwd) -> subprocess.CompletedProcess:
+    """Runs ``code`` in a fresh Python without RNL_FAST_BACKEND and TRITON_INTERPRET; cwd away from
+    the source tree (``python -c`` puts the cwd first on sys.path). Asserts that it exits cleanly."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RNL_FAST_BACKEND", "TRITON_INTERPRET")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, cwd=cwd)
+    assert out.returncode == 0, out.stderr
+    return out
 
 
 def test_import_and_cpu_path_without_triton(tmp_path):
     """triton is optional: rnl_fast imports and runs on CPU without it, and asking for the
     Triton backend then says what to install."""
-    import subprocess
-    import sys
-
     code = (
         "import sys; sys.modules['triton'] = None\n"
         "import os, torch, rnl_fast\n"
@@ -134,8 +194,21 @@ def test_import_and_cpu_path_without_triton(tmp_path):
         "os.environ['RNL_FAST_BACKEND'] = 'triton'\n"
         "try:\n    rnl_fast.if_sequence(torch.rand(4, 3))\nexcept RuntimeError as e:\n    print(e)\n"
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("RNL_FAST_BACKEND", "TRITON_INTERPRET")}
-    # cwd away from the source tree: `python -c` puts the cwd first on sys.path.
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
+    out = _run_python(code, tmp_path)
     assert "needs triton" in out.stdout
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_triton_backend_on_cpu_needs_the_interpreter(tmp_path):
+    """Without TRITON_INTERPRET=1 the Triton kernels cannot run on CPU tensors: asking for them says
+    how to switch the interpreter on, and the library does not switch it on by itself."""
+    code = (
+        "import os, torch, rnl_fast\n"
+        "os.environ['RNL_FAST_BACKEND'] = 'triton'\n"
+        "try:\n    rnl_fast.if_sequence(torch.rand(4, 3))\nexcept RuntimeError as e:\n    print(e)\n"
+        "print('TRITON_INTERPRET' in os.environ)\n"
+    )
+    out = _run_python(code, tmp_path)
+    message, interpret_set = out.stdout.strip().splitlines()
+    assert "set TRITON_INTERPRET=1 in the environment before the process imports triton" in message
+    assert interpret_set == "False"

@@ -33,7 +33,7 @@ def _default_backend(monkeypatch):
     ],
 )
 def test_if_forward_matches_reference_spike_for_spike(T, neurons, v_reset, spike_dtype):
-    x = (torch.randn(T, *neurons, device="cuda") * 0.8 + 0.3)
+    x = torch.randn(T, *neurons, device="cuda") * 0.8 + 0.3
     v_th = torch.rand(neurons[-1], device="cuda") + 0.4
     fast = ops.if_sequence(x, v_th=v_th, v_init=0.1, v_reset=v_reset, spike_dtype=spike_dtype)
     ref = IFResult(*reference.if_sequence(x, v_th=v_th, v_init=0.1, v_reset=v_reset, spike_dtype=spike_dtype))
@@ -70,7 +70,10 @@ def test_if_pool_matches_reference(ceil_mode, dtype):
 def test_if_backward_matches_reference(v_reset):
     x = (torch.randn(40, 8, 300, device="cuda") * 0.8 + 0.3).requires_grad_()
     w = torch.randn_like(x)
-    grads = [torch.autograd.grad((fn(x, v_th=0.8, v_reset=v_reset)[0] * w).sum(), x)[0] for fn in (ops.if_sequence, reference.if_sequence)]
+    grads = [
+        torch.autograd.grad((fn(x, v_th=0.8, v_reset=v_reset)[0] * w).sum(), x)[0]
+        for fn in (ops.if_sequence, reference.if_sequence)
+    ]
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
 
 

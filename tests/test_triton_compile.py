@@ -25,7 +25,9 @@ def test_every_triton_kernel_compiles_for_sm90(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # compile for real, not from a cache
     worker = Path(__file__).with_name("sm90_compile_worker.py")
-    out = subprocess.run([sys.executable, str(worker)], capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, str(worker)], capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path
+    )
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
     compiled = [line for line in out.stdout.splitlines() if "compiled for sm_90" in line]
     assert len(compiled) == 6, out.stdout
