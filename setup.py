@@ -1,7 +1,7 @@
 """Builds the C++ CPU kernels (csrc/ → rnl_fast._C); everything else is in pyproject.toml.
 
 The extension is plain C++ with pybind11: no torch headers, hence no torch in the build
-environment (DESIGN.md §3). Flags: -O3 with OpenMP for the cores and, unless
+environment (docs/architecture.md). Flags: -O3 with OpenMP for the cores and, unless
 RNL_FAST_PORTABLE=1, -march=native so the compiler uses every vector unit of the build machine
 (build where you run; set RNL_FAST_PORTABLE=1 for a wheel that must run elsewhere).
 """
@@ -23,6 +23,8 @@ setup(
         Pybind11Extension(
             "rnl_fast._C",
             sorted(os.path.join("csrc", f) for f in os.listdir("csrc") if f.endswith(".cpp")),
+            # A changed header rebuilds the extension (else a stale build hides the change).
+            depends=sorted(os.path.join("csrc", f) for f in os.listdir("csrc") if f.endswith(".h")),
             cxx_std=17,
             extra_compile_args=compile_args,
             extra_link_args=["-fopenmp"],

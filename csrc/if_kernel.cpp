@@ -1,6 +1,6 @@
 // Multi-step IF neurons: one block of neurons per task, all T steps with the membrane in a
 // block-local array (L1), the neuron index innermost so that the compiler vectorises it.
-// (Neuron-outer / time-inner would stride N elements per step: ~10× slower, DESIGN.md §3.)
+// (Neuron-outer / time-inner would stride N elements per step: ~10× slower on a 2-core build machine.)
 #include "if_kernel.h"
 #include "if_steps.h"
 

@@ -1,6 +1,6 @@
 // Element types the kernels read and write, and their conversions to the arithmetic type.
 //
-// No torch headers here (DESIGN.md §3): tensors reach us as raw pointers, and fp16/bf16 are
+// No torch headers here (docs/architecture.md): tensors reach us as raw pointers, and fp16/bf16 are
 // plain 16-bit storage types converted by hand.
 #pragma once
 

@@ -1,6 +1,6 @@
 """Triton kernels for multi-step integrate-and-fire neurons (paper Eq. 3) on CUDA tensors.
 
-Layout (DESIGN.md §2): time-major ``[T, N]``, neuron stride 1. One program owns ``BLOCK``
+Layout (docs/architecture.md): time-major ``[T, N]``, neuron stride 1. One program owns ``BLOCK``
 neurons and loops over all ``T`` steps with the membrane in registers, so every element of
 ``x`` and ``spikes`` moves through memory exactly once per pass.
 

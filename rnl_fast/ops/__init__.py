@@ -1,6 +1,6 @@
 """The fused ops as torch custom ops: validation, backend choice, fake kernels and autograd.
 
-Dispatch lives here and only here (DESIGN.md §2): CUDA tensors run the Triton kernels
+Dispatch lives here and only here (docs/architecture.md): CUDA tensors run the Triton kernels
 (``rnl_fast.kernels``), CPU tensors the C++ kernels (``rnl_fast._C``); ``RNL_FAST_BACKEND=
 triton|cpp|torch`` overrides the choice on every call (:mod:`._backend`). ``torch`` runs the
 pure-PyTorch definitions in :mod:`rnl_fast.reference`. The kernels are called only inside custom

@@ -1,6 +1,6 @@
 """How the ops lay tensors out for the kernels: neurons in memory order, time-major ``[T, N]``.
 
-The kernels (DESIGN.md §2) see one contiguous block of N neurons per time step, with a time
+The kernels (docs/architecture.md) see one contiguous block of N neurons per time step, with a time
 stride of N or 0. These helpers find that view of an input without copying it when they can:
 a channels-last (or any other dense) layout is walked in memory order and the outputs are given
 the same layout; the pooling op also needs the two pooled dims next to each other.
