@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
 
 from .nn import RateNorm
@@ -315,8 +316,17 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def build_model(name: str, **kwargs: object) -> nn.Module:
-    """Build the network ``name`` (a key of :data:`MODELS`) with the builder's keyword arguments."""
+def build_model(name: str, *, seed: int | None = None, **kwargs: object) -> nn.Module:
+    """Build the network ``name`` (a key of :data:`MODELS`) with the builder's keyword arguments.
+
+    With ``seed`` the initial weights are drawn from it (torch's global generator is left as it
+    was): the same seed gives the same network, and the ReLU and Rate Norm builds of one
+    architecture start from the same weights.
+    """
     if name not in MODELS:
         raise ValueError(f"model name must be one of {tuple(MODELS)}, got {name!r}")
-    return MODELS[name](**kwargs)
+    if seed is None:
+        return MODELS[name](**kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MODELS[name](**kwargs)

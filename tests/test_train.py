@@ -15,6 +15,7 @@ from torch import nn
 
 from rnl_fast import data, models, train
 from rnl_fast.nn import RateNorm
+from rnl_fast.train._layers import rate_readouts
 from rnl_fast.train.evaluation import accuracy_and_omega
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -158,17 +159,73 @@ def test_progress_bar_shows_epoch_figures(splits, capsys: pytest.CaptureFixture[
     assert "stage 1 epoch 1/1" in shown and "val_acc=" in shown and "loss=" in shown
 
 
+@pytest.mark.parametrize("name", list(models.MODELS))
+def test_readout_is_the_layer_that_reads_rates_into_the_output(name: str) -> None:
+    """Only the classifier: hidden convs/linears feed a BatchNorm (or a residual sum)."""
+    rnl = models.build_model(name, activation="rnl")
+    classifier = [m for m in rnl.modules() if isinstance(m, nn.Linear)][-1]
+    assert rate_readouts(rnl) == [classifier]
+    assert rate_readouts(models.build_model(name, activation="relu")) == []
+
+
+def test_readout_of_an_untraceable_model_is_empty() -> None:
+    class Untraceable(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.act, self.fc = RateNorm(), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc(self.act(x)) if x.sum() > 0 else x  # data-dependent control flow
+
+    assert rate_readouts(Untraceable()) == []
+
+
+def test_stage1_readout_learns_at_a_scaled_rate(splits, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The readout's parameters get lr × readout_lr_scale, every other weight lr; ReLU nets one group."""
+    seen: list[torch.optim.Optimizer] = []
+    real_sgd = torch.optim.SGD
+    monkeypatch.setattr(torch.optim, "SGD", lambda *a, **k: seen.append(real_sgd(*a, **k)) or seen[-1])
+    model = _new_model()
+    _stage1(model, splits, epochs=1, lr=0.05, readout_lr_scale=7.0)
+    readout = {id(p) for layer in rate_readouts(model) for p in layer.parameters()}
+    assert readout
+    (optimizer,) = seen
+    rates = {id(p): group["initial_lr"] for group in optimizer.param_groups for p in group["params"]}
+    assert all(rates[i] == pytest.approx(0.35) for i in readout)
+    assert all(lr == pytest.approx(0.05) for i, lr in rates.items() if i not in readout)
+    assert len(rates) == sum(p.requires_grad for p in model.parameters())
+    seen.clear()
+    relu = models.cnn7("relu", input_size=IMAGE_SIZE, num_classes=NUM_CLASSES)
+    _stage1(relu, splits, epochs=1, readout_lr_scale=7.0)
+    assert len(seen[0].param_groups) == 1
+    with pytest.raises(ValueError, match="readout_lr_scale must be a positive finite float"):
+        _stage1(_new_model(), splits, epochs=1, readout_lr_scale=0.0)
+
+
+def test_build_model_with_a_seed() -> None:
+    """Same seed → same weights, the ReLU and RNL builds alike; torch's global generator untouched."""
+    state = torch.get_rng_state()
+    a = models.build_model("cnn7", seed=3, activation="rnl")
+    b = models.build_model("cnn7", seed=3, activation="relu")
+    c = models.build_model("cnn7", seed=4, activation="relu")
+    assert torch.equal(torch.get_rng_state(), state)
+    shared = [name for name in b.state_dict() if name in a.state_dict()]
+    assert shared and all(torch.equal(a.state_dict()[n], b.state_dict()[n]) for n in shared)
+    assert not torch.equal(b[0].weight, c[0].weight)
+
+
 # ─────────────────────────────── stage 2 ───────────────────────────────
 
 
-def test_stage2_trains_only_p_and_lowers_omega(stage1_model, splits) -> None:
+@pytest.mark.parametrize("shared_p", [True, False], ids=["shared-p", "p-per-layer"])
+def test_stage2_trains_only_p_and_lowers_omega(stage1_model, splits, shared_p: bool) -> None:
     model = copy.deepcopy(stage1_model)
     before = _clone_state(model)
     _, val_loader, _ = _loaders(splits)
     reference_acc = train.evaluate_ann(stage1_model, val_loader)
     reference_omega = accuracy_and_omega(stage1_model, val_loader, "cpu")[1]
     tolerance = 5.0
-    history = _stage2(model, splits, tolerance=tolerance)
+    history = _stage2(model, splits, tolerance=tolerance, shared_p=shared_p)
     after = model.state_dict()
     raw_names = [name for name in before if name.endswith("raw_p")]
     assert raw_names
@@ -447,3 +504,21 @@ def test_ddp_two_ranks(tmp_path: Path) -> None:
     checkpoint = train.load_checkpoint(tmp_path / "stage2.pt")
     assert checkpoint["epoch"] == 1 and len(checkpoint["rng_states"]) == 2
     _assert_states_equal(checkpoint["model_state"], ranks[0]["after_stage2"])
+
+
+def test_stage2_keeps_a_state_met_inside_an_epoch(stage1_model, splits) -> None:
+    """A λ so strong that the p's collapse within the epoch: at the epoch's end no state is within
+    the tolerance, but one measured inside the epoch is, and it is the one kept."""
+    _, val_loader, _ = _loaders(splits)
+    stage1_omega = accuracy_and_omega(stage1_model, val_loader, "cpu")[1]
+    reference_acc = train.evaluate_ann(stage1_model, val_loader)
+    strong = dict(epochs=1, lam=20.0, lr=0.2, tolerance=2.0, p_init=0.95)
+    at_end_only = copy.deepcopy(stage1_model)
+    history = _stage2(at_end_only, splits, checks_per_epoch=1, **strong)
+    assert not history[0]["selected"] and history[0]["checks"] == []
+    model = copy.deepcopy(stage1_model)
+    (entry,) = _stage2(model, splits, checks_per_epoch=9, **strong)
+    assert len(entry["checks"]) == 8 and any(c["selected"] for c in entry["checks"])
+    acc, omega = accuracy_and_omega(model, val_loader, "cpu")
+    assert omega < stage1_omega and acc >= reference_acc - 2.0
+    assert omega == pytest.approx(min(c["omega"] for c in entry["checks"] if c["selected"]))

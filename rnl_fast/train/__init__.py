@@ -28,9 +28,11 @@ from .distributed import (
 )
 from .evaluation import Batches, evaluate_ann
 from .loop import HistoryEntry, StepFn
-from .stages import tie_rate_norm_p, train_stage1, train_stage2
+from .stages import PAPER_LAMBDA, READOUT_LR_SCALE, tie_rate_norm_p, train_stage1, train_stage2
 
 __all__ = [
+    "PAPER_LAMBDA",
+    "READOUT_LR_SCALE",
     "CHECKPOINT_FORMAT",
     "Batches",
     "CheckpointError",

@@ -126,16 +126,23 @@ class EpochLoop:
         summarize: Callable[[dict[str, float]], HistoryEntry],
         extra_state: Callable[[], dict[str, Any]],
         loader: Batches,
+        check: Callable[[int], None] | None = None,
+        checks_per_epoch: int = 1,
     ) -> None:
         """Run the remaining epochs. Each: steps (with the running-max reduction under DDP), BN
         statistics averaged, ``summarize(train_stats)`` → history entry, schedule, checkpoint
-        (with ``extra_state()``)."""
+        (with ``extra_state()``). With ``check``, ``check(steps_done)`` also runs after
+        ``checks_per_epoch − 1`` evenly spaced steps inside each epoch (the epoch's end is
+        ``summarize``'s); every rank calls it at the same steps."""
         device = self.options.device
+        total = len(loader) if hasattr(loader, "__len__") else None
+        check_after = set()
+        if check is not None and total:
+            check_after = {round(total * k / checks_per_epoch) for k in range(1, checks_per_epoch)} - {0, total}
         for epoch in range(self.start_epoch, self.options.epochs):
             sums: dict[str, Tensor] = {}
             correct = torch.zeros((), dtype=torch.float64, device=device)
             samples = 0
-            total = len(loader) if hasattr(loader, "__len__") else None
             desc = f"stage {self.options.stage} epoch {epoch + 1}/{self.options.epochs}"
             # Updated by hand: a tqdm that wraps the loader closes itself when the loader ends,
             # before the epoch's validation figures can join its postfix.
@@ -153,6 +160,8 @@ class EpochLoop:
                     correct += (logits.detach().argmax(dim=1) == y).sum()
                     samples += y.numel()
                     bar.update()
+                    if index + 1 in check_after:
+                        check(index + 1)
                     if self.progress and index % _POSTFIX_EVERY == 0:
                         mean_loss = (sums["loss"] / samples).item()
                         bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{100 * correct.item() / samples:.2f}")
