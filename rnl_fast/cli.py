@@ -41,6 +41,13 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {value}")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0:
@@ -68,6 +75,40 @@ def _add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-images", type=_positive_int, default=None, help="use a random subset of the test set")
 
 
+def _add_method_arguments(p: argparse.ArgumentParser, tolerance: float) -> None:
+    """The training choices of the method (stage 1's readout, stage 2's loss and p's)."""
+    p.add_argument(
+        "--readout-lr-scale",
+        type=_positive_float,
+        default=train.READOUT_LR_SCALE,
+        help="stage 1: learning-rate multiplier of the layer that reads Rate Norm rates into the output",
+    )
+    p.add_argument(
+        "--lam",
+        type=_non_negative_float,
+        default=train.PAPER_LAMBDA,
+        help="stage 2: λ of the Rate Inference Loss (the paper's Algorithm 1: 0.5; the official code: 0.1)",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=_non_negative_float,
+        default=tolerance,
+        help="stage 2: validation accuracy points it may lose",
+    )
+    p.add_argument(
+        "--checks-per-epoch",
+        type=_positive_int,
+        default=20,
+        help="stage 2: how often per epoch the state is measured and considered for keeping",
+    )
+    p.add_argument(
+        "--shared-p",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="stage 2: one p shared by all layers (the paper's appendix), or one per layer (--no-shared-p)",
+    )
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that answers a bad argument with one line (no usage block) and exit status 2."""
 
@@ -86,11 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--from", dest="source", default=None, help="stage 2: the stage-1 checkpoint to start from")
     t.add_argument("--epochs", type=_non_negative_int, default=4)
     t.add_argument("--lr", type=float, default=None, help="default: 0.1 (stage 1), 0.01 (stage 2)")
-    t.add_argument("--lam", type=_non_negative_float, default=0.1, help="λ of the Rate Inference Loss (stage 2)")
-    t.add_argument(
-        "--tolerance", type=_non_negative_float, default=0.5, help="stage 2: validation accuracy points it may lose"
-    )
-    t.add_argument("--shared-p", action="store_true", help="stage 2: one p shared by all layers")
+    _add_method_arguments(t, tolerance=0.5)
     t.add_argument("--resume", action="store_true", help="continue from --out if it exists")
     t.add_argument("--out", required=True, help="checkpoint file to write")
     _add_data_arguments(t)
@@ -116,13 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="the whole pipeline on MNIST with cnn7: train, convert 4 ways, simulate, report"
     )
     d.add_argument("--out", default="rnl_fast_demo", help="directory for results.json and the figures")
+    d.add_argument("--model", default="cnn7", choices=tuple(models.MODELS), help="the network to train and convert")
     d.add_argument("--epochs", type=_positive_int, default=4, help="stage-1 epochs of each network")
     d.add_argument("--stage2-epochs", type=_positive_int, default=3, help="stage-2 epochs (the thresholds)")
-    d.add_argument("--lam", type=_non_negative_float, default=0.1, help="λ of the Rate Inference Loss (stage 2)")
-    d.add_argument(
-        "--tolerance", type=_non_negative_float, default=1.0, help="stage 2: validation accuracy points it may lose"
-    )
-    d.add_argument("--shared-p", action="store_true", help="stage 2: one p shared by all layers")
+    _add_method_arguments(d, tolerance=1.0)
     d.add_argument("-T", "--steps", dest="T", type=_positive_int, default=256)
     d.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (CI): small subsets, 1 epoch, T=32")
     _add_data_arguments(d)
@@ -147,13 +181,23 @@ def _experiment(args, with_training: bool = True) -> pipeline.ExperimentData:
     )
 
 
-def _print_table(results: dict, model_name: str, dataset: str) -> None:
-    print(f"\nAccuracy (%) of the converted SNNs after T steps (the paper's Table 2), {model_name} on {dataset}:\n")
-    print(report.paper_table(results))
+def _print_table(results: dict, model_name: str, experiment: pipeline.ExperimentData) -> list[str]:
+    """Print Table 2 and the verdict under it, an ANN unfit to rank named before any figure;
+    returns the verdict's sentences."""
+    dataset = experiment.test_set.name
+    chance = 100.0 / experiment.test_set.num_classes
+    unfit = report.unfit_anns(results, chance)
+    sentences = report.verdict(results, chance=chance)
+    print(f"\nAccuracy (%) of the converted SNNs after T steps (the paper's Table 2), {model_name} on {dataset}:")
+    for sentence in sentences[: len(unfit)]:
+        print(f"WARNING: {sentence}")
+    print("\n" + report.paper_table(results, unranked=unfit))
+    print("\n" + "\n".join(sentences[len(unfit) :]))
+    return sentences
 
 
-def _write_report(out: Path, args, model_name: str, images: int, results: dict) -> None:
-    paths = pipeline.write_report(out, args.dataset, model_name, args.T, images, results)
+def _write_report(out: Path, args, model_name: str, images: int, results: dict, verdict: list[str]) -> None:
+    paths = pipeline.write_report(out, args.dataset, model_name, args.T, images, results, verdict)
     print(f"\nwrote {paths[0]}, " + ", ".join(path.name for path in paths[1:]))
 
 
@@ -183,13 +227,14 @@ def _train(args) -> None:
     )
     if args.stage == 1:
         kwargs = pipeline.model_kwargs(args.activation, experiment.test_set)
-        model = models.build_model(args.model, **kwargs)
+        model = models.build_model(args.model, seed=args.seed, **kwargs)
         history = train.train_stage1(
             model,
             experiment.train,
             epochs=args.epochs,
             val_loader=experiment.val,
             lr=args.lr or 0.1,
+            readout_lr_scale=args.readout_lr_scale,
             model_name=args.model,
             model_kwargs=kwargs,
             **common,
@@ -206,12 +251,13 @@ def _train(args) -> None:
             lam=args.lam,
             tolerance=args.tolerance,
             shared_p=args.shared_p,
+            checks_per_epoch=args.checks_per_epoch,
             lr=args.lr or 0.01,
             model_name=source.get("model_name"),
             model_kwargs=kwargs,
             **common,
         )
-    last = history[-1] if history else {}
+    last = {key: value for key, value in (history[-1] if history else {}).items() if key != "checks"}
     if args.rank == 0:
         print(json.dumps({"checkpoint": args.out, "last_epoch": last}, default=float))
 
@@ -222,9 +268,9 @@ def cmd_evaluate(args) -> None:
     model_name = state.get("model_name", "model")
     experiment = _experiment(args, with_training=args.method in ("maxnorm", "robustnorm"))
     result = pipeline.evaluate_method(model, args.method, args.T, experiment.test, experiment.train, args.device)
-    print(report.paper_table({args.method: result}))
+    verdict = _print_table({args.method: result}, model_name, experiment)
     if args.out:
-        _write_report(Path(args.out), args, model_name, len(experiment.test_set), {args.method: result})
+        _write_report(Path(args.out), args, model_name, len(experiment.test_set), {args.method: result}, verdict)
 
 
 def cmd_demo(args) -> None:
@@ -232,7 +278,7 @@ def cmd_demo(args) -> None:
     if args.tiny:
         args.train_images, args.test_images, args.T = args.train_images or 3000, 200, min(args.T, 32)
         args.epochs = args.stage2_epochs = 1
-    model_name = "cnn7"
+    model_name = args.model
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     experiment = _experiment(args)
@@ -241,23 +287,22 @@ def cmd_demo(args) -> None:
         f"rnl-fast demo: {model_name} on {args.dataset} ({images} test images), "
         f"{args.epochs} + {args.stage2_epochs} epochs, T = {args.T}"
     )
-    nets = pipeline.train_paper_networks(
-        experiment,
-        model_name,
-        out,
+    plan = pipeline.TrainingPlan(
+        model_name=model_name,
         epochs=args.epochs,
         stage2_epochs=args.stage2_epochs,
         lam=args.lam,
         tolerance=args.tolerance,
         shared_p=args.shared_p,
-        device=args.device,
+        checks_per_epoch=args.checks_per_epoch,
+        readout_lr_scale=args.readout_lr_scale,
         seed=args.seed,
-        log=print,
     )
+    nets = pipeline.train_paper_networks(experiment, plan, out, args.device, log=print)
     sources = {method: nets[source] for method, source in pipeline.SOURCE_OF_METHOD.items()}
     results = pipeline.compare(sources, args.T, experiment.test, experiment.train, args.device, log=print)
-    _print_table(results, model_name, args.dataset)
-    _write_report(out, args, model_name, images, results)
+    verdict = _print_table(results, model_name, experiment)
+    _write_report(out, args, model_name, images, results, verdict)
     print(f"demo finished in {time.perf_counter() - started:.0f} s")
 
 
@@ -272,9 +317,9 @@ def cmd_compare(args) -> None:
     sources = {method: nets[kind] for method, kind in pipeline.SOURCE_OF_METHOD.items() if kind in nets}
     experiment = _experiment(args)
     results = pipeline.compare(sources, args.T, experiment.test, experiment.train, args.device, log=print)
-    _print_table(results, model_name, args.dataset)
+    verdict = _print_table(results, model_name, experiment)
     if args.out:
-        _write_report(Path(args.out), args, model_name, len(experiment.test_set), results)
+        _write_report(Path(args.out), args, model_name, len(experiment.test_set), results, verdict)
 
 
 def main(argv: list[str] | None = None) -> int:

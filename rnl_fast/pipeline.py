@@ -92,51 +92,74 @@ def model_kwargs(activation: str, dataset: data.ImageDataset) -> dict:
     )
 
 
+@dataclass(frozen=True)
+class TrainingPlan:
+    """How :func:`train_paper_networks` trains; the defaults are the demo's."""
+
+    model_name: str = "cnn7"
+    #: Stage-1 epochs of each network (ReLU and Rate Norm).
+    epochs: int = 4
+    #: Stage-2 epochs (the p's, with the Rate Inference Loss).
+    stage2_epochs: int = 3
+    #: λ of the Rate Inference Loss; the paper's Algorithm 1 uses 0.5.
+    lam: float = train.PAPER_LAMBDA
+    #: Validation accuracy points stage 2 may lose for a lower Ω.
+    tolerance: float = 1.0
+    #: One p shared by all layers in stage 2, as the paper's appendix does.
+    shared_p: bool = True
+    #: How often per stage-2 epoch the state is measured and considered for keeping.
+    checks_per_epoch: int = 20
+    #: Stage 1's learning-rate multiplier for the readout of the Rate Norm network.
+    readout_lr_scale: float = train.READOUT_LR_SCALE
+    #: Initial weights (the ReLU and the Rate Norm network start from the same ones) and shuffling.
+    seed: int = 0
+
+
 def train_paper_networks(
     experiment: ExperimentData,
-    model_name: str,
+    plan: TrainingPlan,
     out: Path,
-    epochs: int,
-    stage2_epochs: int,
-    lam: float,
-    tolerance: float,
-    shared_p: bool,
-    device: torch.device | str,
-    seed: int,
+    device: torch.device | str = "cpu",
     log: Log = _silent,
 ) -> dict[str, nn.Module]:
-    """Train what the paper compares: ``model_name`` with ReLU and with Rate Norm Layers (stage
-    1, ``epochs`` each), then the Rate Norm network's thresholds with the Rate Inference Loss
-    (stage 2). Checkpoints go to ``out/{relu,rnl,rnl_ril}.pt``. Returns the networks by their
-    source name: ``"relu"``, ``"rnl"``, ``"rnl_ril"`` (see :data:`SOURCE_OF_METHOD`)."""
-    common = dict(epochs=epochs, device=device, seed=seed, generator=experiment.generator, progress=True)
+    """Train what the paper compares: ``plan.model_name`` with ReLU and with Rate Norm Layers
+    (stage 1, from the same initial weights), then the Rate Norm network's thresholds with the
+    Rate Inference Loss (stage 2). Checkpoints go to ``out/{relu,rnl,rnl_ril}.pt``. Returns the
+    networks by their source name: ``"relu"``, ``"rnl"``, ``"rnl_ril"`` (see
+    :data:`SOURCE_OF_METHOD`)."""
+    common = dict(device=device, seed=plan.seed, generator=experiment.generator, progress=True)
     nets: dict[str, nn.Module] = {}
     for activation in ("relu", "rnl"):
-        log(f"\n[stage 1] training {model_name} with {activation.upper()} activations")
+        log(f"\n[stage 1] training {plan.model_name} with {activation.upper()} activations")
         kwargs = model_kwargs(activation, experiment.test_set)
-        nets[activation] = models.build_model(model_name, **kwargs)
+        nets[activation] = models.build_model(plan.model_name, seed=plan.seed, **kwargs)
         train.train_stage1(
             nets[activation],
             experiment.train,
+            epochs=plan.epochs,
             val_loader=experiment.val,
+            readout_lr_scale=plan.readout_lr_scale,
             checkpoint_path=out / f"{activation}.pt",
-            model_name=model_name,
+            model_name=plan.model_name,
             model_kwargs=kwargs,
             **common,
         )
-    log(f"\n[stage 2] training the thresholds with the Rate Inference Loss (λ = {lam})")
+    p_kind = "one p shared by all layers" if plan.shared_p else "one p per layer"
+    log(f"\n[stage 2] training the thresholds with the Rate Inference Loss (λ = {plan.lam}, {p_kind})")
     nets["rnl_ril"] = train.model_from_checkpoint(out / "rnl.pt", device)
     train.train_stage2(
         nets["rnl_ril"],
         experiment.train,
         experiment.val,
-        lam=lam,
-        tolerance=tolerance,
-        shared_p=shared_p,
+        epochs=plan.stage2_epochs,
+        lam=plan.lam,
+        tolerance=plan.tolerance,
+        shared_p=plan.shared_p,
+        checks_per_epoch=plan.checks_per_epoch,
         checkpoint_path=out / "rnl_ril.pt",
-        model_name=model_name,
-        model_kwargs=model_kwargs("rnl", experiment.test_set),
-        **{**common, "epochs": stage2_epochs},
+        model_name=plan.model_name,
+        model_kwargs={**model_kwargs("rnl", experiment.test_set), "shared_p": plan.shared_p},
+        **common,
     )
     return nets
 
@@ -175,13 +198,20 @@ def compare(
 
 
 def write_report(
-    out: Path, dataset: str, model_name: str, T: int, images: int, results: Mapping[str, report.MethodResult]
+    out: Path,
+    dataset: str,
+    model_name: str,
+    T: int,
+    images: int,
+    results: Mapping[str, report.MethodResult],
+    verdict: list[str] | None = None,
 ) -> list[Path]:
-    """Write ``results.json`` and the three figures into ``out``; returns their paths."""
+    """Write ``results.json`` (with the ``verdict`` sentences, :func:`rnl_fast.report.verdict`)
+    and the three figures into ``out``; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
     title = f"{model_name} on {dataset}, {images} test images"
     paths = [out / name for name in ("results.json", "accuracy_vs_T.png", "k_curves.png", "power_per_step.png")]
-    report.write_results(paths[0], dataset, model_name, T, images, dict(results))
+    report.write_results(paths[0], dataset, model_name, T, images, dict(results), verdict)
     report.plot_accuracy(results, paths[1], title)
     report.plot_k_curves(results, paths[2], title)
     report.plot_power(results, paths[3], title)

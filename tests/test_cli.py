@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from rnl_fast import cli
 
@@ -133,3 +134,24 @@ def test_train_under_torchrun(tmp_path):
 
     state = train.load_checkpoint(ckpt)
     assert state["epoch"] == 1 and state["model_name"] == "cnn7"
+
+
+def test_same_seed_same_network_in_two_processes(tmp_path):
+    """`rnl-fast train --seed 5` twice, in two fresh processes: the same weights to the bit (the
+    network is built from the seed, not from whatever state torch's generator is in)."""
+    import subprocess
+    import sys
+
+    from rnl_fast import train
+
+    states = []
+    for run in range(2):
+        out = tmp_path / f"run{run}.pt"
+        cmd = [sys.executable, "-m", "rnl_fast.cli", "train", "--dataset", "synthetic", "--train-images", "320"]
+        cmd += ["--test-images", "32", "--batch-size", "64", "--epochs", "1", "--seed", "5", "--out", str(out)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+        states.append(train.load_checkpoint(out)["model_state"])
+    assert states[0].keys() == states[1].keys()
+    for name in states[0]:
+        assert torch.equal(states[0][name], states[1][name]), name

@@ -291,3 +291,11 @@ def test_a_deep_copy_simulates_like_the_original():
     snn = convert(_warm_up(models.cnn7("rnl")), "rnl")
     x = torch.rand(2, 1, 28, 28)
     assert torch.equal(copy.deepcopy(snn)(x, 6, chunk=3), snn(x, 6, chunk=3))
+
+
+def test_layer_labels_name_the_layer_feeding_each_neuron_layer():
+    snn = convert(_warm_up(models.alexnet_mnist("rnl")), "rnl")
+    labels = snn.layer_labels()
+    assert list(labels.values()) == ["conv1", "conv2", "conv3", "conv4", "conv5", "fc1", "fc2"]
+    result = simulate(snn, [(torch.rand(2, 1, 28, 28), torch.zeros(2, dtype=torch.long))], T=2, progress=False)
+    assert result.layer_labels == labels

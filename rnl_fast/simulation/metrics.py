@@ -32,6 +32,8 @@ class SimulationResult:
     layer_spikes_per_step: dict[str, list[float]]  #: the same, per neuron layer
     k_curves: dict[str, list[float]] = field(default_factory=dict)  #: K(t) per layer (paper Eq. 7)
     k_images: int = 0  #: images the K curves were measured on
+    #: A readable name per neuron layer (``conv1``, ``fc1``…, see ``SpikingNetwork.layer_labels``).
+    layer_labels: dict[str, str] = field(default_factory=dict)
 
 
 def ann_rates(model: nn.Module, x: Tensor, names: Iterable[str]) -> dict[str, Tensor]:
@@ -118,6 +120,7 @@ def simulate(
         layer_spikes_per_step=per_layer,
         k_curves={name: (k_num[name] / max(k_den[name], 1e-30)).tolist() for name in layers} if ann is not None else {},
         k_images=k_counted,
+        layer_labels=snn.layer_labels(),
     )
 
 

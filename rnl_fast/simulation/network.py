@@ -146,6 +146,25 @@ class SpikingNetwork(nn.Module):
     def neuron_layers(self) -> dict[str, SpikingNeurons]:
         return {name: self.graph_module.get_submodule(name) for name in self.neuron_names}
 
+    def layer_labels(self) -> dict[str, str]:
+        """A readable name for each neuron layer: ``conv3`` or ``fc1`` after the conv/linear layer
+        (counted in graph order) whose output current it integrates, else its module name (the
+        neurons after a residual addition, say)."""
+        modules = dict(self.graph_module.named_modules())
+        counts = {nn.Conv2d: 0, nn.Linear: 0}
+        number: dict[str, str] = {}
+        for node in self.graph_module.graph.nodes:
+            kind = type(modules.get(node.target)) if node.op == "call_module" else None
+            if kind in counts:
+                counts[kind] += 1
+                number[node.name] = f"{'conv' if kind is nn.Conv2d else 'fc'}{counts[kind]}"
+        labels = {}
+        for node in self.graph_module.graph.nodes:
+            if node.op == "call_module" and node.target in self.neuron_names:
+                (source,) = node.args
+                labels[node.target] = number.get(source.name, node.target)
+        return labels
+
     def reset(self) -> None:
         for layer in self.neuron_layers.values():
             layer.neurons.reset()

@@ -1,0 +1,122 @@
+"""The report: Table 2, the verdict in words (who got there first, the paper's claim, unfit ANNs),
+and the figures."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rnl_fast import report
+from rnl_fast.energy import energy_to_accuracy
+
+
+def _result(ann: float, reach_at: int, T: int = 64, spikes: float = 100.0, omega: float = 3.0) -> report.MethodResult:
+    """A method whose SNN climbs linearly to ``ann`` − 0.5 at step ``reach_at`` (its target is
+    ann − 1, first met a little before) and spends ``spikes`` per step."""
+    accuracy = [min(ann - 0.5, 10.0 + (ann - 10.5) * t / reach_at) for t in range(1, T + 1)]
+    sim_spikes = [spikes] * T
+    reached = energy_to_accuracy(accuracy, sim_spikes, ann - report.TARGET_MARGIN)
+    return report.MethodResult(
+        ann_accuracy=ann,
+        snn_accuracy=accuracy,
+        spikes_per_step=sim_spikes,
+        omega=omega,
+        k_curves={"2": [1.0 / t for t in range(1, T + 1)]},
+        k_images=8,
+        layer_labels={"2": "conv1"},
+        target_accuracy=ann - report.TARGET_MARGIN,
+        steps_to_target=reached.steps,
+        energy_to_target=reached.energy,
+    )
+
+
+def _four(rnl_ril_at: int, robust_at: int, max_at: int = 60, rnl_ril_spikes: float = 100.0, **rnl_ril) -> dict:
+    return {
+        "maxnorm": _result(99.0, max_at),
+        "robustnorm": _result(99.0, robust_at, spikes=150.0),
+        "rnl": _result(98.8, 50),
+        "rnl_ril": _result(rnl_ril.get("ann", 98.5), rnl_ril_at, spikes=rnl_ril_spikes),
+    }
+
+
+def test_verdict_when_the_paper_claim_holds() -> None:
+    results = _four(rnl_ril_at=20, robust_at=40)
+    lines = report.verdict(results)
+    first = next(line for line in lines if line.startswith("First to"))
+    assert first.startswith(f"First to its ANN accuracy − 1 point: rnl_ril, after {results['rnl_ril'].steps_to_target}")
+    assert any(line.startswith("This agrees with the paper's claim") for line in lines)
+    assert any(line.startswith("Conversion loss at T = 64") for line in lines)
+
+
+@pytest.mark.parametrize(
+    "kwargs, reason",
+    [
+        pytest.param(dict(rnl_ril_at=40, robust_at=20), "robustnorm reached its target in", id="robustnorm-faster"),
+        pytest.param(
+            dict(rnl_ril_at=20, robust_at=40, max_at=10), "maxnorm reached its target in", id="maxnorm-faster"
+        ),
+        pytest.param(
+            dict(rnl_ril_at=20, robust_at=40, rnl_ril_spikes=1000.0),
+            "spikes per image against maxnorm",
+            id="more-energy",
+        ),
+    ],
+)
+def test_verdict_names_why_the_paper_claim_fails(kwargs: dict, reason: str) -> None:
+    claim = next(line for line in report.verdict(_four(**kwargs)) if "paper's claim" in line)
+    assert claim.startswith("This does not agree with the paper's claim") and reason in claim
+
+
+def test_unfit_anns_are_named_first_and_not_ranked() -> None:
+    results = _four(rnl_ril_at=20, robust_at=40, ann=12.0)  # rnl_ril's ANN near chance
+    results["rnl"] = _result(90.0, 5)  # 9 points below the best ANN
+    lines = report.verdict(results, chance=10.0)
+    assert lines[0] == "rnl is not ranked: its ANN is at 90.0%, 9.0 points below the best." or lines[1].startswith(
+        "rnl "
+    )
+    assert any(line.startswith("rnl_ril is not ranked: its ANN is at 12.0%, near chance (10%)") for line in lines[:2])
+    first = next(line for line in lines if line.startswith("First to"))
+    assert "rnl_ril" not in first and "rnl (" not in first
+    assert "cannot be checked" in next(line for line in lines if "paper's claim" in line)
+    table = report.paper_table(results, unranked=report.unfit_anns(results, 10.0))
+    rows = {line.split()[0]: line for line in table.splitlines()[2:]}
+    assert "not ranked" in rows["rnl_ril"] and "not ranked" in rows["rnl"] and "not ranked" not in rows["maxnorm"]
+
+
+def test_common_target_is_the_lowest_ann_minus_one() -> None:
+    results = _four(rnl_ril_at=20, robust_at=40)
+    line = next(line for line in report.verdict(results) if line.startswith("To one common target"))
+    assert "(97.50%," in line  # rnl_ril's ANN 98.5 − 1
+    robust = results["robustnorm"]
+    steps = next(t for t, a in enumerate(robust.snn_accuracy, 1) if a >= 97.5)
+    assert f"robustnorm {steps} steps, {150 * steps:,.0f} spikes" in line
+
+
+def test_table_starts_at_one_step_and_ends_at_T() -> None:
+    table = report.paper_table(_four(rnl_ril_at=20, robust_at=40))
+    head = table.splitlines()[0]
+    assert "T=1 " in head and "T=32" in head and "T=64" in head and "T=128" not in head
+
+
+@pytest.mark.parametrize("T", [1, 2, 5, 64, 256, 300])
+def test_log_binned_puts_every_step_in_exactly_one_bin(T: int) -> None:
+    centres, means = report.log_binned([1.0] * T)
+    assert means == [1.0] * len(centres) and centres == sorted(centres) and centres[-1] <= T
+    assert len(centres) <= max(1, 2 * T.bit_length())
+    for t in range(T):
+        one_hot = [0.0] * T
+        one_hot[t] = 1.0
+        assert sum(m > 0 for m in report.log_binned(one_hot)[1]) == 1, t
+
+
+def test_figures_and_results_json(tmp_path) -> None:
+    results = _four(rnl_ril_at=20, robust_at=40)
+    for plot, name in ((report.plot_accuracy, "a.png"), (report.plot_k_curves, "k.png"), (report.plot_power, "p.png")):
+        plot(results, tmp_path / name, "test")
+        assert (tmp_path / name).stat().st_size > 10_000
+    sentences = report.verdict(results)
+    report.write_results(tmp_path / "results.json", "mnist", "cnn7", 64, 100, results, sentences)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["verdict"] == sentences
+    assert saved["methods"]["rnl_ril"]["layer_labels"] == {"2": "conv1"}
