@@ -66,6 +66,7 @@ def plot_accuracy(methods: Mapping[str, MethodResult], path: str | Path, title: 
             ha="right",
             fontsize=8,
             color=colors[names[0]],
+            bbox={"facecolor": "white", "alpha": 0.8, "linewidth": 0, "pad": 1},  # legible over the curves
         )
     full.set_ylim(0, 100)
     full.set_ylabel("accuracy after t steps (%)")
