@@ -92,13 +92,25 @@ KERNELS = {
         ),
     ),
     "rate_norm_max": (rate_norm_kernels._rate_norm_max_kernel, dict(BLOCK=(1024,))),
+    "rate_norm_channel_max": (
+        rate_norm_kernels._rate_norm_channel_max_kernel,
+        dict(BY_COLUMNS=(False, True), BLOCK_R=(4,), BLOCK_W=(256,)),
+    ),
     "rate_norm_fwd": (
         rate_norm_kernels._rate_norm_fwd_kernel,
-        dict(TRAINING=(False, True), KEEP=(0.9,), MOMENTUM=(0.1,), EPS=(1e-6,), BLOCK=(1024,)),
+        dict(
+            TRAINING=(False, True),
+            KEEP=(0.9,),
+            MOMENTUM=(0.1,),
+            EPS=(1e-6,),
+            CHANNEL_WISE=(False, True),
+            LEVELS=(0, 8),
+            BLOCK=(1024,),
+        ),
     ),
     "rate_norm_bwd": (
         rate_norm_kernels._rate_norm_bwd_kernel,
-        dict(HAS_GRAD_R=(False, True), EPS=(1e-6,), BLOCK=(1024,)),
+        dict(HAS_GRAD_R=(False, True), EPS=(1e-6,), CHANNEL_WISE=(False, True), LEVELS=(0, 8), BLOCK=(1024,)),
     ),
 }
 
