@@ -46,6 +46,18 @@ struct Walk {
   int64_t last_row(int64_t item) const { return std::min(M / C, (item + 1) * rows_per_item()); }
 };
 
+// max(relu(x[0..n))), NaN skipped.
+template <typename In>
+inline float relu_max_of(const In* __restrict x, int64_t n) {
+  float best = 0.0f;
+#pragma omp simd reduction(max : best)
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = load<float>(x + i);
+    best = v > best ? v : best;  // false for NaN: NaN is skipped
+  }
+  return best;
+}
+
 // best[c] = max(relu(x)) over the elements of channel c, NaN skipped.
 template <typename In>
 void channel_relu_max(const In* x, const Walk& w, float* best, int num_threads) {
@@ -67,13 +79,7 @@ void channel_relu_max(const In* x, const Walk& w, float* best, int num_threads) 
         }
       } else {
         const Line line = w.line(item);
-        float m = 0.0f;
-#pragma omp simd reduction(max : m)
-        for (int64_t i = line.begin; i < line.end; ++i) {
-          const float v = load<float>(x + i);
-          m = v > m ? v : m;
-        }
-        mine[line.channel] = std::max(mine[line.channel], m);
+        mine[line.channel] = std::max(mine[line.channel], relu_max_of(x + line.begin, line.end - line.begin));
       }
     }
 #pragma omp critical
@@ -130,11 +136,40 @@ RateNormSums forward_pass(const In* x, const Walk& w, const Acc* theta, Acc leve
 template <bool HAS_GRAD_R, bool QUANT, typename In, typename Acc>
 inline Acc backward_element(const In* __restrict grad_r, Acc grad_sum_r, Acc grad_sum_r2, const In* __restrict x,
                             int64_t i, Acc theta, Acc levels, In* __restrict grad_x) {
-  const RateGrad<Acc> e = rate_grad<QUANT>(load<Acc>(x + i), theta, levels);
+  bool inside;
+  Acc u;
+  const Acc rate = rate_grad<QUANT>(load<Acc>(x + i), theta, levels, inside, u);
   const Acc upstream = HAS_GRAD_R ? load<Acc>(grad_r + i) : Acc(0);
-  const Acc g = upstream + grad_sum_r + Acc(2) * e.rate * grad_sum_r2;
-  store(grad_x + i, e.inside ? g / theta : Acc(0));
-  return e.inside ? -g * e.u / theta : Acc(0);
+  const Acc g = upstream + grad_sum_r + Acc(2) * rate * grad_sum_r2;
+  store(grad_x + i, inside ? g / theta : Acc(0));
+  return inside ? -g * u / theta : Acc(0);
+}
+
+// The elements [begin, end) of one channel; returns their dL/dθ. Not inlined: a loop of its own
+// over restrict pointers, vectorised whatever the caller's OpenMP outlining does.
+template <bool HAS_GRAD_R, bool QUANT, typename In, typename Acc>
+__attribute__((noinline)) Acc backward_line(const In* __restrict grad_r, Acc grad_sum_r, Acc grad_sum_r2,
+                                            const In* __restrict x, int64_t begin, int64_t end, Acc theta,
+                                            Acc levels, In* __restrict grad_x) {
+  Acc part = 0;
+#pragma omp simd reduction(+ : part)
+  for (int64_t i = begin; i < end; ++i) {
+    part += backward_element<HAS_GRAD_R, QUANT>(grad_r, grad_sum_r, grad_sum_r2, x, i, theta, levels, grad_x);
+  }
+  return part;
+}
+
+// One row of C elements, one per channel (offset o·C); adds each channel's dL/dθ to chunk[c].
+template <bool HAS_GRAD_R, bool QUANT, typename In, typename Acc>
+__attribute__((noinline)) void backward_row(const In* __restrict grad_r, Acc grad_sum_r, Acc grad_sum_r2,
+                                            const In* __restrict x, int64_t offset, int64_t C,
+                                            const Acc* __restrict theta, Acc levels, In* __restrict grad_x,
+                                            Acc* __restrict chunk) {
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    chunk[c] += backward_element<HAS_GRAD_R, QUANT>(grad_r, grad_sum_r, grad_sum_r2, x, offset + c, theta[c], levels,
+                                                    grad_x);
+  }
 }
 
 // Writes grad_x [M] and grad_theta [C] (dL/dθ_c, summed in double across chunks).
@@ -153,22 +188,14 @@ void backward_pass(const In* __restrict grad_r, Acc grad_sum_r, Acc grad_sum_r2,
       if (w.by_rows()) {
         std::fill(chunk.begin(), chunk.end(), Acc(0));
         for (int64_t o = w.first_row(item); o < w.last_row(item); ++o) {
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            chunk[c] += backward_element<HAS_GRAD_R, QUANT>(grad_r, grad_sum_r, grad_sum_r2, x, o * C + c, theta[c],
-                                                            levels, grad_x);
-          }
+          backward_row<HAS_GRAD_R, QUANT>(grad_r, grad_sum_r, grad_sum_r2, x, o * C, C, theta, levels, grad_x,
+                                          chunk.data());
         }
         for (int64_t c = 0; c < C; ++c) mine[c] += chunk[c];
       } else {
         const Line line = w.line(item);
-        const Acc th = theta[line.channel];
-        Acc part = 0;
-#pragma omp simd reduction(+ : part)
-        for (int64_t i = line.begin; i < line.end; ++i) {
-          part += backward_element<HAS_GRAD_R, QUANT>(grad_r, grad_sum_r, grad_sum_r2, x, i, th, levels, grad_x);
-        }
-        mine[line.channel] += part;
+        mine[line.channel] += backward_line<HAS_GRAD_R, QUANT>(grad_r, grad_sum_r, grad_sum_r2, x, line.begin, line.end,
+                                                               theta[line.channel], levels, grad_x);
       }
     }
 #pragma omp critical

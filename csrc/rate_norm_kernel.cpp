@@ -76,11 +76,13 @@ double backward_pass(const In* __restrict grad_r, Acc grad_sum_r, Acc grad_sum_r
       Acc chunk = 0;
 #pragma omp simd reduction(+ : chunk)
       for (int64_t i = begin; i < end; ++i) {
-        const RateGrad<Acc> e = rate_grad<QUANT>(load<Acc>(x + i), theta, levels);
+        bool inside;
+        Acc u;
+        const Acc rate = rate_grad<QUANT>(load<Acc>(x + i), theta, levels, inside, u);
         const Acc upstream = HAS_GRAD_R ? load<Acc>(grad_r + i) : Acc(0);
-        const Acc g = upstream + grad_sum_r + Acc(2) * e.rate * grad_sum_r2;
-        store(grad_x + i, e.inside ? g / theta : Acc(0));
-        chunk += e.inside ? -g * e.u / theta : Acc(0);
+        const Acc g = upstream + grad_sum_r + Acc(2) * rate * grad_sum_r2;
+        store(grad_x + i, inside ? g / theta : Acc(0));
+        chunk += inside ? -g * u / theta : Acc(0);
       }
       mine += chunk;
     }

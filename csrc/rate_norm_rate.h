@@ -26,29 +26,27 @@ inline Acc forward_rate(Acc v, Acc theta, Acc levels) {
   return QUANT ? quantize(rate, levels) : rate;
 }
 
-// What the backward pass needs of one element: the forward rate r (for the gradient of Σr²), the
-// factor d r/dx·θ that the gradient passes (0 or 1), and u with d r/dθ = −u/θ inside.
-template <typename Acc>
-struct RateGrad {
-  Acc rate;
-  bool inside;
-  Acc u;
-};
-
+// What the backward pass needs of one element: returns the forward rate r (for the gradient of
+// Σr²) and sets `inside` (whether d r/dx = 1/θ, else 0) and u (d r/dθ = −u/θ inside). Out
+// parameters, not a returned struct: GCC kept a {float, bool, float} struct in memory and left the
+// float loops scalar (38 ms instead of 2.5 ms for 3.2M elements).
+//
 // Plain rate: inside is 0 ≤ v ≤ θ (inclusive, like torch.clamp's backward), u = v/θ there.
 // Quantized (QCFS's gradient, reference.quantized_rate): u = v/θ unclipped, k = floor(u·L + ½),
 // inside is 0 ≤ k ≤ L, and r = clamp(k/L, 0, 1), the forward value.
 template <bool QUANT, typename Acc>
-inline RateGrad<Acc> rate_grad(Acc v, Acc theta, Acc levels) {
+inline Acc rate_grad(Acc v, Acc theta, Acc levels, bool& inside, Acc& u) {
   if (QUANT) {
-    const Acc u = v / theta;
+    u = v / theta;
     const Acc k = std::floor(u * levels + Acc(0.5));
     const Acc q = k / levels;
-    const Acc rate = q < Acc(0) ? Acc(0) : (q > Acc(1) ? Acc(1) : q);
-    return {rate, k >= Acc(0) && k <= levels, u};
+    inside = k >= Acc(0) && k <= levels;
+    return q < Acc(0) ? Acc(0) : (q > Acc(1) ? Acc(1) : q);
   }
   const Acc rate = v < Acc(0) ? Acc(0) : (v > theta ? Acc(1) : v / theta);
-  return {rate, v >= Acc(0) && v <= theta, rate};
+  inside = v >= Acc(0) && v <= theta;
+  u = rate;
+  return rate;
 }
 
 }  // namespace rnl_fast
