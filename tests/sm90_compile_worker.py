@@ -117,7 +117,8 @@ KERNELS = {
 
 def main() -> int:
     for name, (autotuned, switches) in KERNELS.items():
-        fn = getattr(autotuned, "fn", autotuned)  # the JITFunction under the autotuner
+        # The JITFunction under an autotuner (a JITFunction's own .fn is the Python function).
+        fn = autotuned.fn if isinstance(autotuned, triton.runtime.Autotuner) else autotuned
         count = 0
         for (storage, compute), constexprs in itertools.product(DTYPES, variants(switches)):
             sig = signature(fn, storage, compute, constexprs)
