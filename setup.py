@@ -14,7 +14,9 @@ from setuptools import setup
 portable = os.environ.get("RNL_FAST_PORTABLE", "0") == "1"
 # -fno-trapping-math: lets GCC if-convert (and so vectorise) selects around divisions; results
 # and NaN propagation are unchanged, only floating-point exception flags are not honoured.
-compile_args = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
+# -ffp-contract=off: no FMA contraction, so that a·b + c rounds twice as torch rounds it (the
+# quantized Rate Norm's floor(r·L + 1/2) must see the spec's r·L + 1/2, not a fused one).
+compile_args = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
 if not portable:
     compile_args.append("-march=native")
 

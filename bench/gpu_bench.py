@@ -5,13 +5,13 @@
 
 Runs the cases of ``benchlib`` (the ones ``pytest bench/`` runs), timed by
 ``triton.testing.do_bench`` (CUDA events; a host clock with ``--cpu-dry-run``):
-IF at T = 32 and 16M neurons, Rate Norm at [128, 32, 28, 28], ours beside x.clone(), the eager
-reference, SpikingJelly 2.0's Triton backend and torch.compile of the reference; then end to end
-(cnn7 and vgg16 converted and simulated at batch 128, T = 16, 64, 256, beside one ANN forward
-and SpikingJelly's ann2snn conversion stepped T times; the chunked long run at T = 1024) and one
-profiled call of ours (cnn7, T = 64). The compile cases come last and no baseline starts after
-``--budget-s`` seconds, so the script fits its time slot; on SIGTERM (``timeout``) it stops and
-still prints the table of what it measured.
+IF at T = 32 and 16M neurons, Rate Norm at [128, 32, 28, 28] (plain, channel-wise, quantized,
+both), ours beside x.clone(), the eager reference, SpikingJelly 2.0's Triton backend and
+torch.compile of the reference; then end to end (cnn7 and vgg16 converted and simulated at batch
+128, T = 16, 64, 256, beside one ANN forward and SpikingJelly's ann2snn conversion stepped T
+times; the chunked long run at T = 1024) and one profiled call of ours (cnn7, T = 64). The compile
+cases come last and no baseline starts after ``--budget-s`` seconds, so the script fits its time
+slot; on SIGTERM (``timeout``) it stops and still prints the table of what it measured.
 
 stdout: one progress line per case, then the final table and the targets. ``--log-dir`` also
 receives gpu_bench.md (the per-group tables and the final table) and gpu_bench.json.

@@ -14,6 +14,7 @@
 #include <utility>
 
 #include "if_kernel.h"
+#include "rate_norm_channel_kernel.h"
 #include "rate_norm_kernel.h"
 #include "rate_norm_scalars.h"
 
@@ -173,15 +174,16 @@ void check_rate_norm_buffers(uintptr_t x, int64_t x_len, uintptr_t out, int64_t 
 
 // Returns (the running max used, Σr, Σr²).
 py::tuple py_rate_norm_forward(uintptr_t x, int64_t x_len, DType dtype, double raw_p, float running_max,
-                               double momentum, bool training, double theta_eps, uintptr_t r, int64_t r_len,
-                               int num_threads) {
+                               double momentum, bool training, double theta_eps, int levels, uintptr_t r,
+                               int64_t r_len, int num_threads) {
   check_rate_norm_buffers(x, x_len, r, r_len, "r");
+  require(levels >= 0, "levels must be >= 0 (0: no quantization)");
   const RateNormForward out = by_dtype(dtype, [&](auto types) {
     using In = typename decltype(types)::In;
     using Acc = typename decltype(types)::Acc;
     py::gil_scoped_release release;
     return rate_norm_forward<In, Acc>(as_ptr<const In>(x), x_len, raw_p, running_max, momentum, training,
-                                      theta_eps, as_ptr<In>(r), num_threads);
+                                      theta_eps, levels, as_ptr<In>(r), num_threads);
   });
   return py::make_tuple(out.running_max, out.sum_r, out.sum_r2);
 }
@@ -189,16 +191,65 @@ py::tuple py_rate_norm_forward(uintptr_t x, int64_t x_len, DType dtype, double r
 // Returns dL/draw_p, a value of the compute dtype.
 double py_rate_norm_backward(uintptr_t grad_r, int64_t grad_r_len, double grad_sum_r, double grad_sum_r2,
                              uintptr_t x, int64_t x_len, DType dtype, double raw_p, float running_max,
-                             double theta_eps, uintptr_t grad_x, int64_t grad_x_len, int num_threads) {
+                             double theta_eps, int levels, uintptr_t grad_x, int64_t grad_x_len, int num_threads) {
   check_rate_norm_buffers(x, x_len, grad_x, grad_x_len, "grad_x");
   require(!grad_r || grad_r_len >= x_len, "grad_r must hold x_len elements");
+  require(levels >= 0, "levels must be >= 0 (0: no quantization)");
   return by_dtype(dtype, [&](auto types) {
     using In = typename decltype(types)::In;
     using Acc = typename decltype(types)::Acc;
     py::gil_scoped_release release;
     return static_cast<double>(rate_norm_backward<In, Acc>(
         as_ptr<const In>(grad_r), static_cast<Acc>(grad_sum_r), static_cast<Acc>(grad_sum_r2), as_ptr<const In>(x),
-        x_len, raw_p, running_max, theta_eps, as_ptr<In>(grad_x), num_threads));
+        x_len, raw_p, running_max, theta_eps, levels, as_ptr<In>(grad_x), num_threads));
+  });
+}
+
+// The layout of a channel-wise call: x_len = (x_len / (C·inner))·C·inner, and the running max
+// buffers hold C values.
+void check_channels(int64_t x_len, int64_t channels, int64_t inner, int levels) {
+  require(channels >= 1 && inner >= 1, "channels and inner must be >= 1");
+  require(x_len % (channels * inner) == 0, "x_len must be a multiple of channels*inner");
+  require(levels >= 0, "levels must be >= 0 (0: no quantization)");
+}
+
+// Returns (Σr, Σr²); writes r and the running max used, [channels] float32.
+py::tuple py_rate_norm_channel_forward(uintptr_t x, int64_t x_len, DType dtype, int64_t channels, int64_t inner,
+                                       double raw_p, uintptr_t running_max, int64_t running_max_len, double momentum,
+                                       bool training, double theta_eps, int levels, uintptr_t r, int64_t r_len,
+                                       uintptr_t running_max_out, int64_t running_max_out_len, int num_threads) {
+  check_rate_norm_buffers(x, x_len, r, r_len, "r");
+  check_channels(x_len, channels, inner, levels);
+  require(running_max && running_max_len == channels, "running_max must hold channels values");
+  require(running_max_out && running_max_out_len == channels, "running_max_out must hold channels values");
+  const RateNormSums out = by_dtype(dtype, [&](auto types) {
+    using In = typename decltype(types)::In;
+    using Acc = typename decltype(types)::Acc;
+    py::gil_scoped_release release;
+    return rate_norm_channel_forward<In, Acc>(as_ptr<const In>(x), x_len, channels, inner, raw_p,
+                                              as_ptr<const float>(running_max), momentum, training, theta_eps, levels,
+                                              as_ptr<In>(r), as_ptr<float>(running_max_out), num_threads);
+  });
+  return py::make_tuple(out.sum_r, out.sum_r2);
+}
+
+// Returns dL/draw_p, a value of the compute dtype.
+double py_rate_norm_channel_backward(uintptr_t grad_r, int64_t grad_r_len, double grad_sum_r, double grad_sum_r2,
+                                     uintptr_t x, int64_t x_len, DType dtype, int64_t channels, int64_t inner,
+                                     double raw_p, uintptr_t running_max, int64_t running_max_len, double theta_eps,
+                                     int levels, uintptr_t grad_x, int64_t grad_x_len, int num_threads) {
+  check_rate_norm_buffers(x, x_len, grad_x, grad_x_len, "grad_x");
+  check_channels(x_len, channels, inner, levels);
+  require(!grad_r || grad_r_len >= x_len, "grad_r must hold x_len elements");
+  require(running_max && running_max_len == channels, "running_max must hold channels values");
+  return by_dtype(dtype, [&](auto types) {
+    using In = typename decltype(types)::In;
+    using Acc = typename decltype(types)::Acc;
+    py::gil_scoped_release release;
+    return static_cast<double>(rate_norm_channel_backward<In, Acc>(
+        as_ptr<const In>(grad_r), static_cast<Acc>(grad_sum_r), static_cast<Acc>(grad_sum_r2), as_ptr<const In>(x),
+        x_len, channels, inner, raw_p, as_ptr<const float>(running_max), theta_eps, levels, as_ptr<In>(grad_x),
+        num_threads));
   });
 }
 
@@ -260,10 +311,19 @@ PYBIND11_MODULE(_C, m) {
                "num_threads");
   def_keywords(m, "rate_norm_forward", &py_rate_norm_forward,
                "Rate Norm forward: writes r, returns (running max used, sum r, sum r^2).", "x", "x_len", "dtype",
-               "raw_p", "running_max", "momentum", "training", "theta_eps", "r", "r_len", "num_threads");
+               "raw_p", "running_max", "momentum", "training", "theta_eps", "levels", "r", "r_len", "num_threads");
   def_keywords(m, "rate_norm_backward", &py_rate_norm_backward, "Rate Norm backward: writes grad_x, returns dL/draw_p.",
                "grad_r", "grad_r_len", "grad_sum_r", "grad_sum_r2", "x", "x_len", "dtype", "raw_p", "running_max",
-               "theta_eps", "grad_x", "grad_x_len", "num_threads");
+               "theta_eps", "levels", "grad_x", "grad_x_len", "num_threads");
+  def_keywords(m, "rate_norm_channel_forward", &py_rate_norm_channel_forward,
+               "Channel-wise Rate Norm forward: writes r and the running max used, returns (sum r, sum r^2).", "x",
+               "x_len", "dtype", "channels", "inner", "raw_p", "running_max", "running_max_len", "momentum",
+               "training", "theta_eps", "levels", "r", "r_len", "running_max_out", "running_max_out_len",
+               "num_threads");
+  def_keywords(m, "rate_norm_channel_backward", &py_rate_norm_channel_backward,
+               "Channel-wise Rate Norm backward: writes grad_x, returns dL/draw_p.", "grad_r", "grad_r_len",
+               "grad_sum_r", "grad_sum_r2", "x", "x_len", "dtype", "channels", "inner", "raw_p", "running_max",
+               "running_max_len", "theta_eps", "levels", "grad_x", "grad_x_len", "num_threads");
 
   // The Rate Norm scalars on their own, for the tests that compare their bits with the spec's.
   def_keywords(m, "rate_norm_threshold", &py_rate_norm_threshold, "theta = sigmoid(raw_p)*running_max + theta_eps.",

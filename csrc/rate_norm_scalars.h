@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cmath>
+#include <stdexcept>
 
 namespace rnl_fast {
 
@@ -49,12 +50,30 @@ inline RateNormThreshold<Acc> rate_norm_threshold(double raw_p, float running_ma
   return {p, rounded(scaled + static_cast<Acc>(theta_eps))};
 }
 
+// θ of a call, refused unless positive: r = clip(x, 0, θ)/θ needs θ > 0.
+template <typename Acc>
+inline RateNormThreshold<Acc> checked_threshold(double raw_p, float running_max, double theta_eps) {
+  const auto threshold = rate_norm_threshold<Acc>(raw_p, running_max, theta_eps);
+  if (!(threshold.theta > Acc(0))) {
+    throw std::invalid_argument("rnl_fast._C: theta = sigmoid(raw_p)*running_max + theta_eps must be > 0");
+  }
+  return threshold;
+}
+
 // dL/draw_p = dL/dθ · running_max · p · (1 − p), multiplied left to right (the running max gets no
 // gradient); dL/dθ is the double sum of the backward pass, cast to Acc first.
 template <typename Acc>
 inline Acc grad_raw_p(double grad_theta, float running_max, Acc p) {
   const Acc scaled = rounded(static_cast<Acc>(grad_theta) * static_cast<Acc>(running_max));
   const Acc times_p = rounded(scaled * p);
+  return rounded(times_p * rounded(Acc(1) - p));
+}
+
+// dL/draw_p = dL/dp · p · (1 − p) for a channel-wise layer, where dL/dp = Σ_c dL/dθ_c·running_max_c
+// arrives as a double sum; multiplied left to right like grad_raw_p.
+template <typename Acc>
+inline Acc grad_raw_p_from_grad_p(double grad_p, Acc p) {
+  const Acc times_p = rounded(static_cast<Acc>(grad_p) * p);
   return rounded(times_p * rounded(Acc(1) - p));
 }
 

@@ -5,6 +5,11 @@ that the Rate Inference Loss needs, in one pass over ``x``. In training mode the
 first updated with the batch max, computed on the device: the kernels read every scalar
 (``raw_p``, ``running_max``, the batch max) through pointers, so nothing ever waits on the host.
 
+Channel-wise (``CHANNEL_WISE``): one running max and θ_c per channel, element i of the flat input
+(in memory order) belonging to channel ``(i // inner) % C``; the kernels look θ_c up per element.
+Quantized (``LEVELS = L > 0``): the rate becomes ``floor(r̂·L + ½)/L`` with QCFS's gradient
+(``rnl_fast.reference.quantized_rate``).
+
 Reductions (the sums, the gradient of θ) go through one row of partial results per program and a
 torch sum, not float atomics: the result is then the same from run to run.
 Python scalars (``momentum``, ``eps``) are constexprs, rounded to the compute dtype as PyTorch rounds
@@ -62,6 +67,37 @@ def _rate(
     return _div_ieee(tl.where(x < 0, 0.0, tl.where(x > theta, theta, x)), theta)
 
 
+@triton.jit
+def _quantize(
+    r,  # [BLOCK] rates in [0, 1] (or NaN), compute dtype
+    LEVELS: tl.constexpr,  # L > 0
+):
+    """floor(r·L + ½)/L, rounded op by op as the reference (the launch disables FMA)."""
+    q = tl.floor(r * LEVELS + 0.5)
+    return _div_ieee(q, tl.full(q.shape, LEVELS, q.dtype))
+
+
+@triton.jit
+def _rate_and_grad(
+    x,  # [BLOCK] input, compute dtype
+    theta,  # θ (scalar or [BLOCK]) > 0, compute dtype
+    LEVELS: tl.constexpr,  # 0: plain rate; L > 0: quantized
+):
+    """(r̂ as the forward pass gives it, where the gradient passes, u with d r̂/dθ = −u/θ there).
+
+    Plain: inside is 0 ≤ x ≤ θ (inclusive, as torch.clamp's backward), u = r̂. Quantized (QCFS):
+    u = x/θ unclipped, k = floor(u·L + ½), inside is 0 ≤ k ≤ L, r̂ = clamp(k/L, 0, 1)."""
+    if LEVELS > 0:
+        u = _div_ieee(x, theta)
+        k = tl.floor(u * LEVELS + 0.5)
+        q = _div_ieee(k, tl.full(k.shape, LEVELS, k.dtype))
+        rate = tl.where(q < 0, 0.0, tl.where(q > 1, 1.0, q))
+        return rate, (k >= 0) & (k <= LEVELS), u
+    else:
+        rate = _rate(x, theta)
+        return rate, (x >= 0) & (x <= theta), rate
+
+
 @triton.autotune(configs=_CONFIGS, key=["size_class"], reset_to_zero=["batch_max_ptr"])
 @triton.jit
 def _rate_norm_max_kernel(
@@ -80,6 +116,29 @@ def _rate_norm_max_kernel(
     tl.atomic_max(batch_max_ptr, tl.max(x, axis=0), sem="relaxed")
 
 
+@triton.jit
+def _rate_norm_channel_max_kernel(
+    x_ptr,  # [R, W] contiguous input, any float dtype
+    batch_max_ptr,  # [C] float32, zero-filled: per channel max of relu(x), NaN counted as 0
+    R,  # rows
+    W,  # columns
+    C,  # channels
+    BY_COLUMNS: tl.constexpr,  # the channel is the column ([outer, C], inner = 1), else row % C
+    BLOCK_R: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_W + tl.arange(0, BLOCK_W)
+    mask = (rows[:, None] < R) & (cols[None, :] < W)
+    x = tl.load(x_ptr + rows[:, None] * W + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = tl.where(x > 0, x, 0.0)  # relu with NaN skipped, as _rate_norm_max_kernel
+    # Every value is >= 0: float atomic_max is exact (see _rate_norm_max_kernel).
+    if BY_COLUMNS:
+        tl.atomic_max(batch_max_ptr + cols, tl.max(x, axis=0), mask=cols < W, sem="relaxed")
+    else:
+        tl.atomic_max(batch_max_ptr + rows % C, tl.max(x, axis=1), mask=rows < R, sem="relaxed")
+
+
 @triton.autotune(configs=_CONFIGS, key=["size_class"], reset_to_zero=["partials_ptr"])
 @triton.jit
 def _rate_norm_fwd_kernel(
@@ -91,27 +150,47 @@ def _rate_norm_fwd_kernel(
     running_max_out_ptr,  # [] float32 out: the running max used for θ
     partials_ptr,  # [programs, 2] zero-filled, compute dtype: (Σr̂, Σr̂²) of each program's block
     M,  # number of elements
+    C,  # channels (CHANNEL_WISE; else 1)
+    inner,  # elements of one channel next to each other in memory (CHANNEL_WISE)
     size_class,  # autotune key only (see _autotune.size_class); unused by the kernel
     TRAINING: tl.constexpr,  # update the running max with the batch max before using it
     KEEP: tl.constexpr,  # 1 − momentum, computed in Python double precision like the reference
     MOMENTUM: tl.constexpr,  # weight of the batch max in the running max update
     EPS: tl.constexpr,  # added to θ so that it is never zero
+    CHANNEL_WISE: tl.constexpr,  # running max, batch max and running max out are [C]
+    LEVELS: tl.constexpr,  # 0, or L: quantized rates
     BLOCK: tl.constexpr,  # elements per program
 ):
     compute_dtype = partials_ptr.dtype.element_ty
     program = tl.program_id(0)
-    # Every program computes the (same) running max and θ from the scalars; only one stores it.
-    running_max = tl.load(running_max_ptr)
-    if TRAINING:
-        running_max = KEEP * running_max + MOMENTUM * tl.load(batch_max_ptr)
-    if program == 0:
-        tl.store(running_max_out_ptr, running_max)
-    _, theta = _theta(raw_p_ptr, running_max, EPS, compute_dtype)
-
     offsets = program.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_range = offsets < M
+    if CHANNEL_WISE:
+        # θ_c per element, from its channel's running max (a gather from C values, cached).
+        channel = (offsets // inner) % C
+        running_max = tl.load(running_max_ptr + channel, mask=in_range, other=1.0)
+        if TRAINING:
+            running_max = KEEP * running_max + MOMENTUM * tl.load(batch_max_ptr + channel, mask=in_range, other=0.0)
+        if program == 0:
+            for first in range(0, C, BLOCK):
+                channels = first + tl.arange(0, BLOCK)
+                used = tl.load(running_max_ptr + channels, mask=channels < C, other=0.0)
+                if TRAINING:
+                    used = KEEP * used + MOMENTUM * tl.load(batch_max_ptr + channels, mask=channels < C, other=0.0)
+                tl.store(running_max_out_ptr + channels, used, mask=channels < C)
+    else:
+        # Every program computes the (same) running max and θ from the scalars; only one stores it.
+        running_max = tl.load(running_max_ptr)
+        if TRAINING:
+            running_max = KEEP * running_max + MOMENTUM * tl.load(batch_max_ptr)
+        if program == 0:
+            tl.store(running_max_out_ptr, running_max)
+    _, theta = _theta(raw_p_ptr, running_max, EPS, compute_dtype)
+
     x = tl.load(x_ptr + offsets, mask=in_range, other=0.0).to(compute_dtype)
     r = _rate(x, theta)
+    if LEVELS > 0:
+        r = _quantize(r, LEVELS)
     tl.store(r_ptr + offsets, r.to(r_ptr.dtype.element_ty), mask=in_range)
     # Out-of-range lanes loaded x = 0, hence r = 0: they add nothing to the sums.
     tl.store(partials_ptr + program * 2, tl.sum(r, axis=0))
@@ -125,38 +204,49 @@ def _rate_norm_bwd_kernel(
     grad_sums_ptr,  # [2] compute dtype: gradients of Σr̂ and Σr̂²
     x_ptr,  # [M] contiguous input, any float dtype
     raw_p_ptr,  # [] logit of p, any float dtype
-    running_max_ptr,  # [] float32 running max the forward pass used
+    running_max_ptr,  # [] float32 running max the forward pass used ([C] if CHANNEL_WISE)
     grad_x_ptr,  # [M] out, x's dtype
     partials_ptr,  # [programs, 1] zero-filled, compute dtype: dL/draw_p of each program's block
     M,  # number of elements
+    C,  # channels (CHANNEL_WISE; else 1)
+    inner,  # elements of one channel next to each other in memory (CHANNEL_WISE)
     size_class,  # autotune key only (see _autotune.size_class); unused by the kernel
     HAS_GRAD_R: tl.constexpr,  # else the gradient of r̂ is zero
     EPS: tl.constexpr,  # added to θ in the forward pass
+    CHANNEL_WISE: tl.constexpr,  # the running max is [C]
+    LEVELS: tl.constexpr,  # 0, or L: quantized rates
     BLOCK: tl.constexpr,  # elements per program
 ):
     compute_dtype = partials_ptr.dtype.element_ty
     program = tl.program_id(0)
-    running_max = tl.load(running_max_ptr)
-    p, theta = _theta(raw_p_ptr, running_max, EPS, compute_dtype)
-
     offsets = program.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_range = offsets < M
+    if CHANNEL_WISE:
+        running_max = tl.load(running_max_ptr + (offsets // inner) % C, mask=in_range, other=1.0)
+    else:
+        running_max = tl.load(running_max_ptr)
+    p, theta = _theta(raw_p_ptr, running_max, EPS, compute_dtype)
+
     x = tl.load(x_ptr + offsets, mask=in_range, other=0.0).to(compute_dtype)
     # Recompute r̂ rather than save it: one read of x instead of a write and a read of r̂.
-    r = _rate(x, theta)
+    r, inside, u = _rate_and_grad(x, theta, LEVELS)
 
     # dL/dr̂ from r̂ itself and from the sums Σr̂, Σr̂².
     grad = tl.load(grad_sums_ptr) + 2.0 * r * tl.load(grad_sums_ptr + 1)
     if HAS_GRAD_R:
         grad += tl.load(grad_r_ptr + offsets, mask=in_range, other=0.0).to(compute_dtype)
     # Inside the clip range (inclusive, as torch.clamp's backward) r̂ = x/θ; outside it is 0 or
-    # θ/θ, which depends on neither x nor θ. Out-of-range lanes have x = 0, r̂ = 0: they add nothing.
-    inside = (x >= 0) & (x <= theta)
+    # θ/θ, which depends on neither x nor θ (quantized: QCFS's window, see _rate_and_grad).
+    # Out-of-range lanes have x = 0: they add nothing to dL/dθ (u = 0), and are not stored.
     grad_x = tl.where(inside, grad / theta, 0.0)
     tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=in_range)
-    grad_theta = tl.sum(tl.where(inside, -grad * r / theta, 0.0), axis=0)
     # θ = sigmoid(raw_p)·running_max + eps: chain rule to raw_p (the running max gets no gradient).
-    tl.store(partials_ptr + program, grad_theta * running_max.to(compute_dtype) * p * (1.0 - p))
+    if CHANNEL_WISE:  # dL/dp = Σ_c dL/dθ_c·running_max_c, taken element by element
+        grad_p = tl.sum(tl.where(inside, -grad * u / theta * running_max.to(compute_dtype), 0.0), axis=0)
+        tl.store(partials_ptr + program, grad_p * p * (1.0 - p))
+    else:
+        grad_theta = tl.sum(tl.where(inside, -grad * u / theta, 0.0), axis=0)
+        tl.store(partials_ptr + program, grad_theta * running_max.to(compute_dtype) * p * (1.0 - p))
 
 
 def _partials(M: int, columns: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -174,6 +264,19 @@ def _grid(M: int) -> Callable[[dict], tuple[int]]:
     return grid
 
 
+def _channel_max(x: torch.Tensor, batch_max: torch.Tensor, channels: int, inner: int) -> None:
+    """Per-channel max of relu(x) into the zero-filled ``batch_max [channels]``: x as ``[outer, C]``
+    tiles reduced over rows when inner = 1, else as ``[outer·C, inner]`` tiles reduced over columns."""
+    by_columns = inner == 1
+    rows, width = (x.numel() // channels, channels) if by_columns else (x.numel() // inner, inner)
+    block_w = min(triton.next_power_of_2(width), 1024)
+    block_r = max(1024 // block_w, 1)
+    grid = (triton.cdiv(rows, block_r), triton.cdiv(width, block_w))
+    _rate_norm_channel_max_kernel[grid](
+        x, batch_max, rows, width, channels, BY_COLUMNS=by_columns, BLOCK_R=block_r, BLOCK_W=block_w
+    )
+
+
 def rate_norm_fwd(
     x: torch.Tensor,
     raw_p: torch.Tensor,
@@ -184,6 +287,9 @@ def rate_norm_fwd(
     r: torch.Tensor,
     running_max_out: torch.Tensor,
     sums: torch.Tensor,
+    channels: int = 1,
+    inner: int | None = None,
+    levels: int = 0,
 ) -> None:
     """Rate Norm forward; writes into the caller's output tensors (``rnl_fast.ops`` validates).
 
@@ -198,9 +304,16 @@ def rate_norm_fwd(
         running_max_out: ``[]`` float32 out: the running max used for θ.
         sums: ``[2]`` out, compute dtype (float32, float64 for float64 ``x``): Σr̂, Σr̂² of the
             compute-dtype rates, before rounding to ``x.dtype``.
+        channels, inner: ``inner`` given: channel-wise, element i of ``x`` (memory order) in
+            channel ``(i // inner) % channels``, ``running_max`` and ``running_max_out`` ``[channels]``.
+        levels: 0, or L > 0: rates quantized to ``floor(r̂·L + ½)/L``.
     """
     M = x.numel()
-    if training:
+    channel_wise = inner is not None
+    if training and channel_wise:
+        batch_max = torch.zeros(channels, dtype=torch.float32, device=x.device)
+        _channel_max(x, batch_max, channels, inner)
+    elif training:
         batch_max = torch.zeros(1, dtype=torch.float32, device=x.device)
         _rate_norm_max_kernel[_grid(M)](x, batch_max, M, size_class(M))
     else:
@@ -215,11 +328,15 @@ def rate_norm_fwd(
         running_max_out,
         partials,
         M,
+        channels,
+        inner or M,
         size_class(M),
         TRAINING=training,
         KEEP=1.0 - momentum,
         MOMENTUM=float(momentum),
         EPS=float(eps),
+        CHANNEL_WISE=channel_wise,
+        LEVELS=int(levels),
         enable_fp_fusion=False,  # no FMA: running max and θ round as the reference's separate ops do
     )
     torch.sum(partials, dim=0, out=sums)
@@ -234,6 +351,9 @@ def rate_norm_bwd(
     eps: float,
     grad_x: torch.Tensor,
     grad_raw: torch.Tensor,
+    channels: int = 1,
+    inner: int | None = None,
+    levels: int = 0,
 ) -> None:
     """Rate Norm backward; recomputes θ and r̂ from ``x``.
 
@@ -241,9 +361,11 @@ def rate_norm_bwd(
         grad_r: ``[M]`` gradient of r̂ in ``x.dtype``, or None for zeros.
         grad_sums: ``[2]`` compute dtype: gradients of Σr̂ and Σr̂².
         x, raw_p, eps: as in :func:`rate_norm_fwd`.
-        running_max_used: ``[]`` float32, the ``running_max_out`` of the forward pass.
+        running_max_used: ``[]`` float32 (``[channels]`` channel-wise), the ``running_max_out`` of
+            the forward pass.
         grad_x: ``[M]`` out, ``x.dtype``.
         grad_raw: ``[]`` out, ``raw_p.dtype``.
+        channels, inner, levels: as in :func:`rate_norm_fwd`.
     """
     M = x.numel()
     partials = _partials(M, 1, grad_sums.dtype, x.device)
@@ -256,9 +378,13 @@ def rate_norm_bwd(
         grad_x,
         partials,
         M,
+        channels,
+        inner or M,
         size_class(M),
         HAS_GRAD_R=grad_r is not None,
         EPS=float(eps),
+        CHANNEL_WISE=inner is not None,
+        LEVELS=int(levels),
         enable_fp_fusion=False,  # the same θ and r̂ as the forward kernel
     )
     grad_raw.copy_(partials.sum())

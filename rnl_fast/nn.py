@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from . import ops
 from .numerics import OMEGA_EPS, SURROGATES, THETA_EPS
+from .ops._checks import check_channel_wise, check_levels
 
 #: The raw logit that ``p_init = 1.0`` maps to: p = sigmoid(10) ≈ 0.99995, as the official code.
 RAW_P_MAX = 10.0
@@ -172,11 +173,26 @@ class RateNorm(nn.Module):
         p_init: initial p in (0, 1]; 1.0 gives p ≈ 1 (raw logit 10), as the paper's stage 1.
         p: a shared raw-logit ``nn.Parameter`` (one p for several layers, paper appendix);
             when None the layer owns exactly one parameter, ``raw_p``.
+        channel_wise: one running max per channel (dim 1 of the input), hence one threshold
+            ``θ_c = p·running_max_c`` per channel; still one p. Each channel starts at 1.0, as the
+            whole layer does otherwise; the buffer takes its size ``[C]`` from the first input
+            (or from ``num_channels``).
+        levels: None, or L: quantized rates ``floor(clip(x, 0, θ)/θ·L + ½)/L`` (QCFS, Bu et al.
+            2022) with QCFS's straight-through gradient; Ω is taken over the quantized rates.
+        num_channels: with ``channel_wise``, C up front (else the first input's dim 1).
 
-    Shape: any ``[*]`` → same shape and dtype.
+    Shape: any ``[*]`` → same shape, dtype (and memory layout); ``[B, C, *]`` with ``channel_wise``.
     """
 
-    def __init__(self, momentum: float = 0.1, p_init: float = 1.0, p: nn.Parameter | None = None) -> None:
+    def __init__(
+        self,
+        momentum: float = 0.1,
+        p_init: float = 1.0,
+        p: nn.Parameter | None = None,
+        channel_wise: bool = False,
+        levels: int | None = None,
+        num_channels: int | None = None,
+    ) -> None:
         super().__init__()
         if not (isinstance(momentum, (int, float)) and 0.0 < momentum <= 1.0):
             raise ValueError(f"momentum must be in (0, 1], got {momentum!r}")
@@ -184,14 +200,28 @@ class RateNorm(nn.Module):
             raise ValueError(f"p_init must be in (0, 1], got {p_init!r}")
         if p is not None and not (isinstance(p, nn.Parameter) and p.numel() == 1):
             raise ValueError("p must be a one-element nn.Parameter (the shared raw logit of p) or None")
+        check_channel_wise(channel_wise)
+        if num_channels is not None and (
+            not channel_wise or isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1
+        ):
+            raise ValueError(
+                f"num_channels must be None or a positive int with channel_wise=True, got {num_channels!r}"
+            )
         self.momentum = float(momentum)
+        self.channel_wise = channel_wise
+        self.levels = check_levels(levels)
         self.raw_p = p if p is not None else nn.Parameter(torch.tensor(raw_from_p(float(p_init))))
-        self.register_buffer("running_max", torch.tensor(1.0))
+        # Channel-wise without num_channels: [] until the first input gives C (see _sized_running_max).
+        self.register_buffer("running_max", torch.ones(num_channels) if num_channels else torch.tensor(1.0))
         self.omega: Tensor | None = None
 
     def __getstate__(self) -> dict:
         # Ω of the last forward hangs on its autograd graph: copies and pickles drop it.
         return {**super().__getstate__(), "omega": None}
+
+    def __setstate__(self, state: dict) -> None:
+        # Layers pickled before channel_wise and levels existed are plain Rate Norm Layers.
+        super().__setstate__({"channel_wise": False, "levels": None, **state})
 
     @property
     def p(self) -> Tensor:
@@ -200,11 +230,29 @@ class RateNorm(nn.Module):
 
     @property
     def threshold(self) -> Tensor:
-        """``[]`` θ = p·running_max + 1e-6: the IF threshold of the converted neuron."""
+        """θ = p·running_max + 1e-6, the IF threshold of the converted neuron: ``[]``, or ``[C]``
+        per channel for a channel-wise layer (``[]`` until its first input sized the buffer)."""
         return self.p * self.running_max + THETA_EPS
 
+    def _sized_running_max(self, x: Tensor) -> Tensor:
+        """The running max; a channel-wise layer's first input replaces the ``[]`` buffer by ``[C]``
+        copies of its value (1.0 for a new layer: every channel starts where a scalar layer does)."""
+        if self.channel_wise and self.running_max.dim() == 0 and x.dim() >= 2:
+            self.running_max = self.running_max.expand(x.shape[1]).clone()
+        return self.running_max
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # A channel-wise layer not yet sized takes the size of the checkpoint's [C] running max.
+        saved = state_dict.get(prefix + "running_max")
+        if self.channel_wise and self.running_max.dim() == 0 and isinstance(saved, Tensor) and saved.dim() == 1:
+            self.running_max = torch.empty_like(saved, dtype=self.running_max.dtype, device=self.running_max.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x: Tensor) -> Tensor:
-        result = ops.rate_norm(x, self.raw_p, self.running_max, self.momentum, self.training)
+        running_max = self._sized_running_max(x)
+        result = ops.rate_norm(
+            x, self.raw_p, running_max, self.momentum, self.training, channel_wise=self.channel_wise, levels=self.levels
+        )
         if self.training:
             with torch.no_grad():
                 self.running_max.copy_(result.running_max)
@@ -212,7 +260,18 @@ class RateNorm(nn.Module):
         return result.r
 
     def extra_repr(self) -> str:
-        return f"momentum={self.momentum:g}, p={self.p.item():.4f}, running_max={self.running_max.item():.4g}"
+        rm = self.running_max
+        rm_text = (
+            f"{rm.item():.4g}"
+            if rm.numel() == 1 and rm.dim() == 0
+            else f"[{rm.numel()} channels, max {rm.max().item():.4g}]"
+        )
+        text = f"momentum={self.momentum:g}, p={self.p.item():.4f}, running_max={rm_text}"
+        if self.channel_wise:
+            text += ", channel_wise=True"
+        if self.levels is not None:
+            text += f", levels={self.levels}"
+        return text
 
 
 def rate_inference_loss(model: nn.Module) -> Tensor:

@@ -131,24 +131,56 @@ def if_sequence_pool2x2(
 
 
 def rate_norm_threshold(raw_p: Tensor, running_max: Tensor, compute_dtype: torch.dtype) -> Tensor:
-    """θ = sigmoid(raw_p)·running_max + THETA_EPS, ``[]`` in ``compute_dtype``."""
+    """θ = sigmoid(raw_p)·running_max + THETA_EPS in ``compute_dtype``, of the running max's shape
+    (``[]``, or ``[C]`` for a channel-wise layer)."""
     return torch.sigmoid(raw_p.to(compute_dtype)) * running_max.to(compute_dtype) + THETA_EPS
 
 
-def running_max_update(x: Tensor, running_max: Tensor, momentum: float) -> Tensor:
-    """``(1 − m)·running_max + m·max(relu(x))`` over the whole tensor, NaN elements skipped.
+def running_max_update(x: Tensor, running_max: Tensor, momentum: float, channel_wise: bool = False) -> Tensor:
+    """``(1 − m)·running_max + m·max(relu(x))``, NaN elements skipped.
 
-    Skipping NaN keeps one corrupt batch from poisoning the layer's threshold for good; the
-    output r̂ and the sums are NaN for that batch anyway. No gradient flows through the max.
+    The max is over the whole tensor (``running_max: []``), or with ``channel_wise`` over every
+    dim but dim 1, one max per channel (``x: [B, C, *]``, ``running_max: [C]``). Skipping NaN
+    keeps one corrupt batch from poisoning the layer's threshold for good; the output r̂ and the
+    sums are NaN for that batch anyway. No gradient flows through the max.
     """
-    x = x.detach()
-    batch_max = torch.where(torch.isnan(x), 0.0, x).clamp_min(0).amax().to(running_max.dtype)
-    return blend_running_max(running_max, batch_max, momentum)
+    x = torch.where(torch.isnan(x.detach()), 0.0, x.detach()).clamp_min(0)
+    if channel_wise:
+        batch_max = x.transpose(0, 1).reshape(x.shape[1], -1).amax(dim=1)
+    else:
+        batch_max = x.amax()
+    return blend_running_max(running_max, batch_max.to(running_max.dtype), momentum)
 
 
 def blend_running_max(running_max: Tensor, batch_max: Tensor, momentum: float) -> Tensor:
-    """``(1 − momentum)·running_max + momentum·batch_max`` in the running max's dtype (``[]``)."""
+    """``(1 − momentum)·running_max + momentum·batch_max`` in the running max's dtype and shape."""
     return (1.0 - momentum) * running_max + momentum * batch_max.to(running_max.dtype)
+
+
+class _FloorSTE(torch.autograd.Function):
+    """floor(v) forward, the identity backward (QCFS's ``GradFloor``: a straight-through floor)."""
+
+    @staticmethod
+    def forward(ctx, v: Tensor) -> Tensor:  # type: ignore[override]
+        return v.floor()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        return grad
+
+
+def quantized_rate(x: Tensor, theta: Tensor, levels: int) -> Tensor:
+    """QCFS's quantization-clip-floor-shift (Bu et al., ICLR 2022) as a rate in [0, 1]:
+    ``clamp(floor(x/θ·L + ½)/L, 0, 1)``, equal value for value to ``floor(clip(x, 0, θ)/θ·L + ½)/L``.
+
+    Written in QCFS's order (clamp after the floor, the floor straight-through) so that autograd
+    gives QCFS's own gradient: with ``k = floor(x/θ·L + ½)``, inside the window 0 ≤ k ≤ L (x in
+    [−θ/2L, θ(1 + 1/2L)) up to rounding) d r̂/dx = 1/θ and d r̂/dθ = −x/θ², else both 0. That is
+    QCFS's d(λ·r̂)/dλ = r̂ − x/λ inside the window, 1 above it, as its official code's autograd
+    gives it, divided through by λ for a layer whose output is r̂ itself.
+    """
+    k = _FloorSTE.apply(x / theta * levels + 0.5)
+    return torch.clamp(k / levels, 0.0, 1.0)
 
 
 def rate_norm(
@@ -157,26 +189,38 @@ def rate_norm(
     running_max: Tensor,
     momentum: float = 0.1,
     training: bool = True,
+    channel_wise: bool = False,
+    levels: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Rate Norm Layer (paper Eq. 6, official code): ``r̂ = clip(x, 0, θ) / θ``.
 
     ``θ = sigmoid(raw_p)·running_max + THETA_EPS``; in training mode ``running_max`` is first
     replaced by :func:`running_max_update` (the new value is returned, not written in place).
+    With ``channel_wise`` there is one running max, hence one θ_c, per channel (dim 1 of x), p
+    still one per layer. With ``levels = L`` the rate is quantized to L + 1 levels as QCFS does
+    (:func:`quantized_rate`): ``r̂ = floor(clip(x, 0, θ)/θ·L + ½)/L``.
 
     Args:
-        x: ``[*]`` any shape, floating.
+        x: ``[*]`` any shape, floating; ``[B, C, *]`` (at least 2-D) with ``channel_wise``.
         raw_p: ``[]`` the trainable logit of p (p = sigmoid(raw_p)).
-        running_max: ``[]`` float32 buffer.
+        running_max: ``[]`` float32 buffer; ``[C]`` with ``channel_wise``.
+        levels: None (no quantization) or a positive int L.
 
     Returns:
-        r̂ ``[*]`` in ``x.dtype``; the running max used ``[]``; Σr̂ ``[]`` and Σr̂² ``[]`` over all
-        elements (float32, float64 for float64 input), for the Rate Inference Loss.
+        r̂ ``[*]`` in ``x.dtype``; the running max used (``[]`` or ``[C]``); Σr̂ ``[]`` and Σr̂²
+        ``[]`` over all elements (float32, float64 for float64 input), for the Rate Inference Loss.
     """
     compute_dtype = compute_dtype_of(x.dtype)
     if training:
-        running_max = running_max_update(x, running_max, momentum)
+        running_max = running_max_update(x, running_max, momentum, channel_wise)
     theta = rate_norm_threshold(raw_p, running_max, compute_dtype)
-    r = torch.clamp(x.to(compute_dtype), torch.zeros_like(theta), theta) / theta
+    if channel_wise:
+        theta = theta.reshape(-1, *([1] * (x.dim() - 2)))  # [C, 1, …]: broadcasts along dim 1
+    xc = x.to(compute_dtype)
+    if levels is None:
+        r = torch.clamp(xc, torch.zeros_like(theta), theta) / theta
+    else:
+        r = quantized_rate(xc, theta, levels)
     return r.to(x.dtype), running_max, r.sum(), (r * r).sum()
 
 

@@ -92,20 +92,33 @@ KERNELS = {
         ),
     ),
     "rate_norm_max": (rate_norm_kernels._rate_norm_max_kernel, dict(BLOCK=(1024,))),
+    "rate_norm_channel_max": (
+        rate_norm_kernels._rate_norm_channel_max_kernel,
+        dict(BY_COLUMNS=(False, True), BLOCK_R=(4,), BLOCK_W=(256,)),
+    ),
     "rate_norm_fwd": (
         rate_norm_kernels._rate_norm_fwd_kernel,
-        dict(TRAINING=(False, True), KEEP=(0.9,), MOMENTUM=(0.1,), EPS=(1e-6,), BLOCK=(1024,)),
+        dict(
+            TRAINING=(False, True),
+            KEEP=(0.9,),
+            MOMENTUM=(0.1,),
+            EPS=(1e-6,),
+            CHANNEL_WISE=(False, True),
+            LEVELS=(0, 8),
+            BLOCK=(1024,),
+        ),
     ),
     "rate_norm_bwd": (
         rate_norm_kernels._rate_norm_bwd_kernel,
-        dict(HAS_GRAD_R=(False, True), EPS=(1e-6,), BLOCK=(1024,)),
+        dict(HAS_GRAD_R=(False, True), EPS=(1e-6,), CHANNEL_WISE=(False, True), LEVELS=(0, 8), BLOCK=(1024,)),
     ),
 }
 
 
 def main() -> int:
     for name, (autotuned, switches) in KERNELS.items():
-        fn = getattr(autotuned, "fn", autotuned)  # the JITFunction under the autotuner
+        # The JITFunction under an autotuner (a JITFunction's own .fn is the Python function).
+        fn = autotuned.fn if isinstance(autotuned, triton.runtime.Autotuner) else autotuned
         count = 0
         for (storage, compute), constexprs in itertools.product(DTYPES, variants(switches)):
             sig = signature(fn, storage, compute, constexprs)

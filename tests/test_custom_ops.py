@@ -117,3 +117,48 @@ def test_compile_fullgraph_modules_training():
     torch.testing.assert_close(got, expected)
     got.backward()
     assert model[0].weight.grad is not None
+
+
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["no-grad", "grad"])
+@pytest.mark.parametrize("layout", ["nchw", "channels-last", "bf"])
+@pytest.mark.parametrize("channel_wise, levels", [(True, 0), (False, 4), (True, 3)], ids=["cw", "L4", "cw-L3"])
+def test_opcheck_rate_norm_options(requires_grad, layout, channel_wise, levels):
+    """The fake kernel gives the real one's shapes and strides (r̂ channels-last for a channels-last
+    x; the running max [C] channel-wise), and the registered autograd the real gradients."""
+    x = torch.randn(4, 3, 5, 6) if layout != "bf" else torch.randn(6, 3)
+    x = x.contiguous(memory_format=torch.channels_last) if layout == "channels-last" else x
+    x.requires_grad_(requires_grad)
+    raw_p = torch.tensor(1.5, requires_grad=requires_grad)
+    running_max = torch.rand(3) + 0.5 if channel_wise else torch.tensor(1.2)
+    args = (x, raw_p, running_max, 0.1, True, channel_wise, levels)
+    torch.library.opcheck(torch.ops.rnl_fast.rate_norm_forward.default, args)
+    grad_args = (torch.randn_like(x), torch.randn(2), x.detach(), raw_p.detach(), running_max, channel_wise, levels)
+    torch.library.opcheck(torch.ops.rnl_fast.rate_norm_backward.default, grad_args)
+
+
+class _ChannelWiseNet(nn.Module):
+    """A conv net whose Rate Norm Layer is channel-wise and quantized."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.rnl = rnl_fast.RateNorm(channel_wise=True, levels=4, num_channels=4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rnl(self.conv(x)).mean() + rnl_fast.rate_inference_loss(self)
+
+
+def test_compile_fullgraph_channel_wise_quantized():
+    torch._dynamo.reset()
+    model = _ChannelWiseNet()
+    x = torch.randn(3, 2, 6, 6)
+    expected = model(x)
+    expected_max = model.rnl.running_max.clone()
+    model.rnl.running_max.fill_(1.0)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    got = compiled(x)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(model.rnl.running_max, expected_max)
+    got.backward()
+    assert model.rnl.raw_p.grad is not None and model.conv.weight.grad is not None
+    assert torch._dynamo.explain(model)(x).graph_break_count == 0

@@ -169,10 +169,81 @@ def test_cpp_entry_points_check_sizes_before_touching_memory():
             momentum=0.1,
             training=False,
             theta_eps=1e-6,
+            levels=0,
             r=small.data_ptr(),
             r_len=3,
             num_threads=1,
         )
+    rm, rm_out = torch.ones(8), torch.empty(8)
+
+    def channel_call(channels=8, inner=1, rm_len=8, rm_out_len=8, levels=0):
+        _C.rate_norm_channel_forward(
+            x=x.data_ptr(),
+            x_len=32,
+            dtype=_C.DType.float32,
+            channels=channels,
+            inner=inner,
+            raw_p=1.0,
+            running_max=rm.data_ptr(),
+            running_max_len=rm_len,
+            momentum=0.1,
+            training=True,
+            theta_eps=1e-6,
+            levels=levels,
+            r=out.data_ptr(),
+            r_len=32,
+            running_max_out=rm_out.data_ptr(),
+            running_max_out_len=rm_out_len,
+            num_threads=1,
+        )
+
+    channel_call()
+    for bad, match in [
+        (dict(channels=5), "multiple of channels"),
+        (dict(inner=3), "multiple of channels"),
+        (dict(rm_len=4), "running_max must hold"),
+        (dict(rm_out_len=9), "running_max_out must hold"),
+        (dict(levels=-1), "levels must be >= 0"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            channel_call(**bad)
+
+
+@pytest.mark.parametrize("levels", [True, 0, -2, 2.0, 4.5, "8", 2**24 + 1])
+def test_levels_not_a_positive_int(levels):
+    x, raw_p, running_max = torch.ones(4, 3), torch.tensor(1.0), torch.tensor(1.0)
+    with pytest.raises(ValueError, match="^levels must be None or a positive int") as info:
+        ops.rate_norm(x, raw_p, running_max, levels=levels)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="^levels must be"):
+        rnl_fast.RateNorm(levels=levels)
+
+
+@pytest.mark.parametrize("channel_wise", [1, 0, "yes", None])
+def test_channel_wise_not_a_bool(channel_wise):
+    with pytest.raises(ValueError, match="^channel_wise must be a bool"):
+        ops.rate_norm(torch.ones(4, 3), torch.tensor(1.0), torch.ones(3), channel_wise=channel_wise)
+    with pytest.raises(ValueError, match="^channel_wise must be a bool"):
+        rnl_fast.RateNorm(channel_wise=channel_wise)
+
+
+def test_channel_wise_needs_a_channel_dim(backend):
+    with pytest.raises(ValueError, match="^channel_wise=True needs x with a channel dim"):
+        ops.rate_norm(torch.ones(5), torch.tensor(1.0), torch.ones(1), channel_wise=True)
+    with pytest.raises(ValueError, match="^channel_wise=True needs x with a channel dim"):
+        rnl_fast.RateNorm(channel_wise=True)(torch.ones(5))
+
+
+def test_channel_wise_running_max_must_match_channels(backend):
+    x = torch.ones(2, 3, 4)
+    with pytest.raises(ValueError, match="running_max holds 4 channels but x has 3"):
+        ops.rate_norm(x, torch.tensor(1.0), torch.ones(4), channel_wise=True)
+    with pytest.raises(ValueError, match="running_max must be a floating \\[C\\] tensor"):
+        ops.rate_norm(x, torch.tensor(1.0), torch.ones(3, 1), channel_wise=True)
+    with pytest.raises(ValueError, match="running_max must be a floating"):
+        ops.rate_norm(x, torch.tensor(1.0), torch.ones(3, dtype=torch.int64), channel_wise=True)
+    with pytest.raises(ValueError, match="num_channels must be"):
+        rnl_fast.RateNorm(num_channels=3)
 
 
 def _run_python(code: str, cwd) -> subprocess.CompletedProcess:

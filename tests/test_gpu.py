@@ -122,3 +122,25 @@ def test_simulation_on_gpu_matches_cpu():
     cpu = conversion.convert(model, "rnl")(x, 32)
     gpu = conversion.convert(model.cuda(), "rnl")(x.cuda(), 32)
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels-last"])
+@pytest.mark.parametrize("levels", [None, 8])
+def test_rate_norm_channel_wise_matches_reference(layout, levels):
+    x = torch.randn(64, 32, 14, 14, device="cuda") * 1.5 + 0.3
+    x = x.contiguous(memory_format=torch.channels_last) if layout == "channels-last" else x
+    x.requires_grad_()
+    raw_p = torch.tensor(1.2, device="cuda", requires_grad=True)
+    running_max = torch.rand(32, device="cuda") + 1.0
+    w = torch.randn_like(x)
+    outs, grads = [], []
+    for fn in (ops.rate_norm, reference.rate_norm):
+        out = RateNormResult(*fn(x, raw_p, running_max, 0.1, True, True, levels))
+        outs.append(out)
+        loss = (out.r * w).sum() + out.sum_r / (out.sum_r2 + 1e-5)
+        grads.append(torch.autograd.grad(loss, [x, raw_p]))
+    torch.testing.assert_close(outs[0].r, outs[1].r, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outs[0].running_max, outs[1].running_max)
+    torch.testing.assert_close(outs[0].sum_r, outs[1].sum_r, rtol=1e-4, atol=1e-3)
+    for fast, ref in zip(*grads):
+        torch.testing.assert_close(fast, ref, rtol=1e-3, atol=1e-4)

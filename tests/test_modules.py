@@ -106,3 +106,75 @@ def test_rate_inference_loss_is_mean_omega(backend):
 def test_omega_formula():
     r = torch.tensor([0.0, 0.5, 1.0, 0.25])
     torch.testing.assert_close(rnl_fast.omega(r), torch.tensor(1.75 / (0.25 + 1.0 + 0.0625 + 1e-5)))
+
+
+def test_rate_norm_channel_wise_module(backend):
+    """A running max per channel ([C] from the first input, each channel starting at 1.0 as the
+    scalar layer does), θ of shape [C], one p; eval leaves the buffer alone."""
+    layer = rnl_fast.RateNorm(momentum=0.5, channel_wise=True, levels=4)
+    assert [name for name, _ in layer.named_parameters()] == ["raw_p"]
+    x = torch.randn(8, 5, 3, 3) + 0.5
+    y = layer(x)
+    expected_max = 0.5 * 1.0 + 0.5 * x.clamp_min(0).amax(dim=(0, 2, 3))
+    torch.testing.assert_close(layer.running_max, expected_max)
+    assert layer.threshold.shape == (5,)
+    torch.testing.assert_close(layer.threshold, layer.p * expected_max + 1e-6)
+    assert set((y * 4).round().unique().tolist()) <= {0.0, 1.0, 2.0, 3.0, 4.0}
+    torch.testing.assert_close(layer.omega, reference.omega(y), rtol=1e-5, atol=1e-6)
+    layer.eval()
+    before = layer.running_max.clone()
+    layer(x * 10)
+    assert torch.equal(layer.running_max, before)
+    assert "channel_wise=True" in repr(layer) and "levels=4" in repr(layer)
+
+
+def test_rate_norm_num_channels_and_mismatch():
+    layer = rnl_fast.RateNorm(channel_wise=True, num_channels=6)
+    assert torch.equal(layer.running_max, torch.ones(6))
+    with pytest.raises(ValueError, match="running_max holds 6 channels but x has 4"):
+        layer(torch.randn(2, 4, 3))
+
+
+def test_rate_norm_state_dict_round_trip(backend):
+    """A channel-wise quantized layer's state loads into a fresh (not yet sized) layer and gives the
+    same outputs; pickles and deep copies keep the options."""
+    import copy
+    import pickle
+
+    layer = rnl_fast.RateNorm(momentum=0.3, p_init=0.7, channel_wise=True, levels=3)
+    x = torch.randn(4, 7, 5) + 0.5
+    layer(x)
+    fresh = rnl_fast.RateNorm(channel_wise=True, levels=3)
+    fresh.load_state_dict(layer.state_dict())
+    assert torch.equal(fresh.running_max, layer.running_max) and torch.equal(fresh.raw_p, layer.raw_p)
+    layer.eval(), fresh.eval()
+    assert torch.equal(fresh(x), layer(x))
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert clone.channel_wise and clone.levels == 3 and torch.equal(clone(x), layer(x))
+    sized = rnl_fast.RateNorm(channel_wise=True, num_channels=4)
+    with pytest.raises(RuntimeError, match="running_max"):
+        sized.load_state_dict(layer.state_dict())
+
+
+def test_rate_norm_old_checkpoint_loads_into_default_layer(backend):
+    """A checkpoint of the layer before channel_wise and levels existed (raw_p and a [] running
+    max, nothing else) loads into today's default layer, which computes what it did."""
+    old_state = {"raw_p": torch.tensor(1.25), "running_max": torch.tensor(2.5)}
+    layer = rnl_fast.RateNorm()
+    layer.load_state_dict(old_state)  # strict: no key missing, none unexpected
+    assert set(layer.state_dict()) == set(old_state)
+    layer.eval()
+    x = torch.randn(6, 9) * 2
+    r, *_ = reference.rate_norm(x, old_state["raw_p"], old_state["running_max"], training=False)
+    torch.testing.assert_close(layer(x), r, rtol=1e-6, atol=1e-7)
+    assert layer.threshold.shape == ()
+
+
+def test_shared_p_across_channel_wise_layers(backend):
+    """One p for layers with per-channel running maxima: its gradient sums both layers' terms."""
+    first = rnl_fast.RateNorm(channel_wise=True)
+    second = rnl_fast.RateNorm(p=first.raw_p, channel_wise=True, levels=2)
+    model = nn.Sequential(nn.Linear(6, 5), first, nn.Linear(5, 4), second)
+    model(torch.randn(7, 6)).sum().backward()
+    assert first.running_max.shape == (5,) and second.running_max.shape == (4,)
+    assert first.raw_p.grad is not None and first.raw_p.grad.item() != 0

@@ -72,7 +72,8 @@ def _inputs(group_name: str, device: str, sizes: Sizes) -> dict[str, Tensor]:
         "x": randn(sizes.rnl_shape).requires_grad_(True),
         "weight": randn(sizes.rnl_shape),  # the loss (r * weight).sum() gives a dense grad_r
         "raw_p": torch.tensor(2.0, device=device, requires_grad=True),  # p ≈ 0.88: some x clip
-        "running_max": torch.tensor(1.0, device=device),
+        # Channel-wise: every channel's running max at 1.0 too, so that the same x clip.
+        "running_max": torch.ones(sizes.rnl_shape[1] if group.channel_wise else (), device=device),
     }
 
 
@@ -125,19 +126,28 @@ def _if_pool_fn(impl: str) -> Callable[[Tensor], Tensor]:
     raise ValueError(f"impl must be one of {POOL_IMPLS}, got {impl!r}")
 
 
-def _rnl_loss(rate_norm_fn: Callable, x: Tensor, raw_p: Tensor, running_max: Tensor, weight: Tensor) -> Tensor:
+def _rnl_loss(
+    rate_norm_fn: Callable,
+    channel_wise: bool,
+    levels: int | None,
+    x: Tensor,
+    raw_p: Tensor,
+    running_max: Tensor,
+    weight: Tensor,
+) -> Tensor:
     """A training step's loss through one Rate Norm Layer: ``(r̂·weight).sum() + Ω`` (paper Eq. 8)."""
-    r, _, sum_r, sum_r2 = rate_norm_fn(x, raw_p, running_max, RNL_MOMENTUM, True)
+    r, _, sum_r, sum_r2 = rate_norm_fn(x, raw_p, running_max, RNL_MOMENTUM, True, channel_wise, levels)
     return (r * weight).sum() + sum_r / (sum_r2 + OMEGA_EPS)
 
 
-def _rnl_loss_fn(impl: str) -> Callable[..., Tensor]:
+def _rnl_loss_fn(impl: str, group: Group) -> Callable[..., Tensor]:
+    options = (group.channel_wise, group.levels)
     if impl == "ours":
-        return functools.partial(_rnl_loss, ops.rate_norm)
+        return functools.partial(_rnl_loss, ops.rate_norm, *options)
     if impl == "eager":
-        return functools.partial(_rnl_loss, reference.rate_norm)
+        return functools.partial(_rnl_loss, reference.rate_norm, *options)
     if impl == "compile":  # the whole loss, so that inductor may fuse it with the layer
-        return torch.compile(functools.partial(_rnl_loss, reference.rate_norm), dynamic=False)
+        return torch.compile(functools.partial(_rnl_loss, reference.rate_norm, *options), dynamic=False)
     raise ValueError(f"Rate Norm impl must be ours, eager or compile, got {impl!r}")
 
 
@@ -166,7 +176,7 @@ def build_op_case(group: Group, impl: str, device: str, scale: str) -> Case:
 
         moved = bytes_moved(group, x)
     else:
-        loss_of = _rnl_loss_fn(impl)
+        loss_of = _rnl_loss_fn(impl, group)
         raw_p, running_max, weight = inputs["raw_p"], inputs["running_max"], inputs["weight"]
 
         def run() -> tuple[Tensor, ...]:

@@ -83,6 +83,10 @@ class Group:
     #: IF groups: the spikes averaged over 2×2 windows (x is [T, planes, H, W]), as a converted
     #: CNN's "neurons → AvgPool2d(2)"; ours runs the fused op.
     pool: bool = False
+    #: Rate Norm groups: one running max and threshold per channel (dim 1 of x).
+    channel_wise: bool = False
+    #: Rate Norm groups: rates quantized to this many levels (QCFS), None for none.
+    levels: int | None = None
 
 
 def _e2e_group(model: str, steps: int) -> Group:
@@ -106,6 +110,23 @@ GROUPS: tuple[Group, ...] = (
         "rate_norm",
         IMPLS[:4],
         backward=True,
+    ),
+    # The same work with the layer's options: per-channel thresholds, quantized rates, both.
+    *(
+        Group(
+            f"rnl-{tag}-fwd-bwd-fp32",
+            f"Rate Norm {words} forward+backward, loss (r*w).sum() + Omega",
+            "rate_norm",
+            IMPLS[:4],
+            backward=True,
+            channel_wise=channel_wise,
+            levels=levels,
+        )
+        for tag, words, channel_wise, levels in (
+            ("cw", "channel-wise", True, None),
+            ("q8", "quantized (L = 8)", False, 8),
+            ("cw-q8", "channel-wise quantized (L = 8)", True, 8),
+        )
     ),
     *(_e2e_group(model, steps) for model in ("cnn7", "vgg16") for steps in (16, 64, 256)),
     Group(

@@ -104,3 +104,43 @@ def check_momentum(momentum: object) -> None:
     """A running-max momentum in (0, 1]."""
     if not (isinstance(momentum, (int, float)) and 0.0 < momentum <= 1.0):
         raise ValueError(f"momentum must be in (0, 1], got {momentum!r}")
+
+
+#: The largest number of quantization levels: L must be exact in float32 arithmetic (r·L + ½).
+MAX_LEVELS = 2**24
+
+
+def check_levels(levels: object) -> int | None:
+    """None (no quantization) or a positive int L ≤ :data:`MAX_LEVELS`, returned as an int."""
+    if levels is None:
+        return None
+    if isinstance(levels, bool) or not isinstance(levels, int) or not 1 <= levels <= MAX_LEVELS:
+        raise ValueError(f"levels must be None or a positive int (at most 2**24), got {levels!r}")
+    return int(levels)
+
+
+def check_channel_wise(channel_wise: object, x: Tensor | None = None) -> None:
+    """A bool; when True, ``x`` (if given) must have a channel dim: ``[B, C, *]``, at least 2-D."""
+    if not isinstance(channel_wise, bool):
+        raise ValueError(f"channel_wise must be a bool, got {channel_wise!r}")
+    if channel_wise and x is not None and x.dim() < 2:
+        raise ValueError(
+            f"channel_wise=True needs x with a channel dim, [B, C, *] (channels are dim 1); got shape {tuple(x.shape)}"
+        )
+
+
+def check_running_max(running_max: object, x: Tensor, channel_wise: bool) -> None:
+    """A floating tensor on x's device with one value, or with ``channel_wise`` one per channel of x."""
+    if not channel_wise:
+        check_one_element("running_max", running_max, x)
+        return
+    channels = x.shape[1]
+    if not isinstance(running_max, Tensor) or not running_max.is_floating_point() or running_max.dim() > 1:
+        raise ValueError(f"running_max must be a floating [C] tensor with channel_wise=True, got {running_max!r}")
+    if running_max.numel() != channels:
+        raise ValueError(
+            f"running_max holds {running_max.numel()} channels but x has {channels} (dim 1 of shape "
+            f"{tuple(x.shape)}): a channel-wise layer keeps one running max per channel of its input"
+        )
+    if running_max.device != x.device:
+        raise ValueError(f"running_max is on {running_max.device} but x is on {x.device}")

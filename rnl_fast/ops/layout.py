@@ -88,3 +88,38 @@ def pool_geometry(x: Tensor, order: tuple[int, ...], ceil_mode: bool):
     h_at = order.index(n - 2)
     planes, inner = math.prod(neuron_shape[:h_at]), math.prod(neuron_shape[h_at + 2 :])
     return neuron_shape, pooled_shape, (planes, x.shape[-2], x.shape[-1], inner)
+
+
+def dense_order(x: Tensor) -> tuple[int, ...] | None:
+    """The permutation of all of ``x``'s dims, outermost first, under which ``x`` is contiguous
+    (identity for a contiguous tensor, ``(0, 2, 3, 1)`` for a channels-last one); None when ``x``
+    is not one dense block of memory in any order."""
+    order = tuple(sorted(range(x.dim()), key=lambda d: (-x.stride(d), d)))
+    return order if x.permute(order).is_contiguous() else None
+
+
+def flat_in_memory_order(x: Tensor) -> tuple[Tensor, Tensor, tuple[int, ...]]:
+    """``x`` walked as it lies: ``(dense, flat, order)``, ``dense`` being ``x`` itself when it is one
+    dense block (else a dense copy in ``x``'s stride order, as ``torch.empty_like`` lays it out),
+    ``flat = dense.permute(order).view(-1)`` a view of its memory, and ``order`` its
+    :func:`dense_order`. Outputs allocated with ``torch.empty_like(dense)`` lie the same way, so
+    ``flat_like(out, order)`` walks them in step with ``flat``."""
+    order = dense_order(x)
+    if order is None:
+        x = torch.empty_like(x).copy_(x)
+        order = dense_order(x)
+        assert order is not None  # empty_like of a non-dense tensor is dense in its stride order
+    return x, x.permute(order).reshape(-1), order
+
+
+def flat_like(t: Tensor, order: tuple[int, ...]) -> Tensor:
+    """``t`` (the shape of the ``x`` that gave ``order``) as a flat ``[M]`` in that memory order: a
+    view when ``t`` lies as ``x`` does, else a copy."""
+    return t.permute(order).contiguous().view(-1)
+
+
+def channel_inner(x: Tensor, order: tuple[int, ...]) -> int:
+    """Elements of one channel (dim 1) that lie next to each other in ``order``: the product of the
+    sizes of the dims inside dim 1 (H·W for NCHW, 1 for channels-last or ``[B, F]``). In memory
+    order, element i then belongs to channel ``(i // inner) % C``."""
+    return math.prod(x.shape[d] for d in order[order.index(1) + 1 :])

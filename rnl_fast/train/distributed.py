@@ -119,10 +119,11 @@ def all_reduce_running_max(model: nn.Module) -> None:
     layers = rate_norms(model)
     if not layers or rank_and_world()[1] == 1:
         return
-    maxima = torch.stack([m.running_max for m in layers])
+    # One flat buffer: a channel-wise layer's running max is [C], the others' [].
+    maxima = torch.cat([m.running_max.reshape(-1) for m in layers])
     dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
-    for layer, value in zip(layers, maxima.unbind()):
-        layer.running_max.copy_(value)
+    for layer, value in zip(layers, maxima.split([m.running_max.numel() for m in layers])):
+        layer.running_max.copy_(value.view_as(layer.running_max))
 
 
 def average_batch_norm_stats(model: nn.Module) -> None:
