@@ -190,6 +190,15 @@ def test_v_init_zero_is_the_default_conversion(method):
     assert not torch.equal(convert(model, method, calibration=calibration, v_init="half")(x, 12), default)
 
 
+def test_one_channel_rate_norm_threshold_is_per_channel():
+    """A [1] threshold (a channel-wise layer over one channel) is per channel, not an error."""
+    model = nn.Sequential(nn.Conv2d(1, 1, 3), _PerChannelRateNorm(torch.tensor([0.4])), nn.Flatten(), nn.Linear(36, 2))
+    snn = convert(model.eval(), "rnl", channel_wise=True)
+    (layer,) = snn.neuron_layers.values()
+    assert float(layer.threshold) == pytest.approx(0.4)
+    assert snn(torch.rand(2, 1, 8, 8), 4).shape == (4, 2, 2)
+
+
 def test_per_channel_rate_norm_thresholds_pass_through():
     model = _per_channel_rnl()
     for channel_wise in (False, True):

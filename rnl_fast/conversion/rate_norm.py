@@ -3,9 +3,10 @@ threshold θ = p·running_max, and the weights stay as they are, since the next 
 rates in [0, 1]. ``"rnl"`` and ``"rnl_ril"`` are the same recipe; they differ only in the network
 they are given (before or after stage 2, the Rate Inference Loss).
 
-A Rate Norm Layer with one threshold per channel (a tensor ``threshold`` with C > 1 elements,
-any shape that flattens to ``[C]``) gives per-channel neurons ``θ_c`` as it is, whatever
-``channel_wise`` says: the network was trained with those thresholds. ``channel_wise=True``
+A Rate Norm Layer with one threshold per channel (a tensor ``threshold`` of at least one dim,
+``[C]`` or any shape that flattens to it) gives per-channel neurons ``θ_c`` as it is, whatever
+``channel_wise`` says: the network was trained with those thresholds (a 0-dim threshold is one
+for the layer: a plain layer, or a channel-wise one that never saw an input). ``channel_wise=True``
 asks for per-channel thresholds and so needs such a layer.
 """
 
@@ -30,7 +31,7 @@ class RateNormRecipe(Recipe):
         self, gm: fx.GraphModule, node: fx.Node, statistics: dict[str, Any], channel_wise: bool = False
     ) -> NeuronLayerSpec:
         threshold = gm.get_submodule(node.target).threshold.detach()
-        if threshold.numel() > 1:  # a Rate Norm Layer with a threshold per channel
+        if threshold.dim() > 0:  # a Rate Norm Layer with a threshold per channel ([C], or [C, 1, 1])
             return NeuronLayerSpec(threshold=threshold.reshape(-1).float().clone())
         if channel_wise:
             raise ValueError(
