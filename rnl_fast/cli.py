@@ -4,6 +4,7 @@
     rnl-fast train --stage 1 --activation relu --out runs/relu.pt
     rnl-fast train --stage 2 --from runs/rnl.pt --lam 0.1 --tolerance 1 --out runs/rnl_ril.pt
     rnl-fast evaluate --checkpoint runs/rnl_ril.pt --method rnl_ril -T 256
+    rnl-fast evaluate --checkpoint runs/relu.pt --method robustnorm --channel-wise --v-init half -T 32
     rnl-fast compare --relu runs/relu.pt --rnl runs/rnl.pt --rnl-ril runs/rnl_ril.pt -T 256 --out runs/table
     rnl-fast demo --out demo_out
 
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 from . import data, models, pipeline, report, train
-from .conversion import METHODS, ConversionError
+from .conversion import METHODS, ConversionError, MethodVariant, initial_fraction
 from .simulation import reuse_freed_memory
 
 
@@ -53,6 +54,18 @@ def _non_negative_float(text: str) -> float:
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
+
+
+def _v_init(text: str) -> float:
+    """``--v-init``: 0, half or a fraction in [0, 1) (the conversion's own check and message)."""
+    try:
+        value: float | str = float(text)
+    except ValueError:
+        value = text
+    try:
+        return initial_fraction(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _device(text: str) -> torch.device:
@@ -109,6 +122,21 @@ def _add_method_arguments(p: argparse.ArgumentParser, tolerance: float) -> None:
     )
 
 
+def _add_latency_arguments(p: argparse.ArgumentParser, variants: bool) -> None:
+    """``--v-init`` and ``--channel-wise``: of the method (evaluate), or of the latency variants
+    run beside the paper's four methods (compare, demo; on by default there)."""
+    if variants:
+        v_help = "initial membrane of the latency variants, as a fraction of θ: 0, half or a number in [0, 1)"
+        cw_help = "channel-wise thresholds in the MaxNorm/RobustNorm latency variants (--no-channel-wise: per layer)"
+    else:
+        v_help = "initial membrane as a fraction of the threshold θ: 0 (the paper's), half (θ/2) or a number in [0, 1)"
+        cw_help = "one threshold per channel (MaxNorm, RobustNorm; Rate Norm needs RateNorm(channel_wise=True))"
+    p.add_argument("--v-init", dest="v_init", type=_v_init, default=0.5 if variants else 0.0, help=v_help)
+    p.add_argument(
+        "--channel-wise", action=argparse.BooleanOptionalAction, default=variants, dest="channel_wise", help=cw_help
+    )
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that answers a bad argument with one line (no usage block) and exit status 2."""
 
@@ -139,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--method", choices=METHODS, required=True)
     e.add_argument("-T", "--steps", dest="T", type=_positive_int, default=256)
     e.add_argument("--out", default=None, help="directory for results.json and figures")
+    _add_latency_arguments(e, variants=False)
     _add_data_arguments(e)
 
     c = commands.add_parser("compare", help="convert and simulate the baselines and RNL/RNL+RIL side by side (Table 2)")
@@ -147,10 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--rnl-ril", dest="rnl_ril", help="stage-2 checkpoint (after the Rate Inference Loss)")
     c.add_argument("-T", "--steps", dest="T", type=_positive_int, default=256)
     c.add_argument("--out", default=None, help="directory for results.json and figures")
+    _add_latency_arguments(c, variants=True)
     _add_data_arguments(c)
 
     d = commands.add_parser(
-        "demo", help="the whole pipeline on MNIST with cnn7: train, convert 4 ways, simulate, report"
+        "demo",
+        help="the whole pipeline on MNIST with cnn7: train, convert 4 ways and the latency variants, simulate, report",
     )
     d.add_argument("--out", default="rnl_fast_demo", help="directory for results.json and the figures")
     d.add_argument("--model", default="cnn7", choices=tuple(models.MODELS), help="the network to train and convert")
@@ -159,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_method_arguments(d, tolerance=1.0)
     d.add_argument("-T", "--steps", dest="T", type=_positive_int, default=256)
     d.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (CI): small subsets, 1 epoch, T=32")
+    _add_latency_arguments(d, variants=True)
     _add_data_arguments(d)
     d.set_defaults(test_images=1000)
     return parser
@@ -266,11 +298,13 @@ def cmd_evaluate(args) -> None:
     state = train.load_checkpoint(args.checkpoint)
     model = train.model_from_state(state, args.device, source=args.checkpoint)
     model_name = state.get("model_name", "model")
-    experiment = _experiment(args, with_training=args.method in ("maxnorm", "robustnorm"))
-    result = pipeline.evaluate_method(model, args.method, args.T, experiment.test, experiment.train, args.device)
-    verdict = _print_table({args.method: result}, model_name, experiment)
+    experiment = _experiment(args, with_training=args.method in pipeline.CALIBRATED_METHODS)
+    variant = MethodVariant(args.method, args.v_init, args.channel_wise)
+    result = pipeline.evaluate_method(model, variant, args.T, experiment.test, experiment.train, args.device)
+    results = {variant.label: result}
+    verdict = _print_table(results, model_name, experiment)
     if args.out:
-        _write_report(Path(args.out), args, model_name, len(experiment.test_set), {args.method: result}, verdict)
+        _write_report(Path(args.out), args, model_name, len(experiment.test_set), results, verdict)
 
 
 def cmd_demo(args) -> None:
@@ -299,7 +333,7 @@ def cmd_demo(args) -> None:
         seed=args.seed,
     )
     nets = pipeline.train_paper_networks(experiment, plan, out, args.device, log=print)
-    sources = {method: nets[source] for method, source in pipeline.SOURCE_OF_METHOD.items()}
+    sources = pipeline.sources_with_variants(nets, args.v_init, args.channel_wise)
     results = pipeline.compare(sources, args.T, experiment.test, experiment.train, args.device, log=print)
     verdict = _print_table(results, model_name, experiment)
     _write_report(out, args, model_name, images, results, verdict)
@@ -314,7 +348,7 @@ def cmd_compare(args) -> None:
     states = {kind: train.load_checkpoint(path) for kind, path in given.items()}
     nets = {kind: train.model_from_state(state, args.device, source=given[kind]) for kind, state in states.items()}
     model_name = next(iter(states.values())).get("model_name", "model")
-    sources = {method: nets[kind] for method, kind in pipeline.SOURCE_OF_METHOD.items() if kind in nets}
+    sources = pipeline.sources_with_variants(nets, args.v_init, args.channel_wise)
     experiment = _experiment(args)
     results = pipeline.compare(sources, args.T, experiment.test, experiment.train, args.device, log=print)
     verdict = _print_table(results, model_name, experiment)

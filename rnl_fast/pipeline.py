@@ -3,13 +3,13 @@
 What ``rnl-fast evaluate``, ``compare`` and ``demo`` do, callable from Python: :func:`prepare_data`
 (the loaders of one experiment), :func:`train_paper_networks` (the ReLU and Rate Norm networks
 and stage 2), :func:`evaluate_method` (convert one network, simulate it, measure it),
-:func:`compare` (several methods side by side, the paper's Table 2) and :func:`write_report`
-(results.json and the figures).
+:func:`compare` (several methods side by side, the paper's Table 2, with the latency variants of
+:func:`latency_variants` beside them) and :func:`write_report` (results.json and the figures).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from . import data, models, report, train
-from .conversion import convert
+from .conversion import MethodVariant, convert
 from .simulation import mean_omega, simulate
 
 #: Validation images held out of the training set (stage 2 selects its checkpoint on them).
@@ -27,6 +27,9 @@ CALIBRATION_BATCHES = 10
 #: Which trained network each method converts: the ReLU network, or the Rate Norm network
 #: before ("rnl") or after ("rnl_ril") stage 2.
 SOURCE_OF_METHOD = {"maxnorm": "relu", "robustnorm": "relu", "rnl": "rnl", "rnl_ril": "rnl_ril"}
+#: The methods whose thresholds come from calibration data, and so can be made channel-wise from
+#: a network as it is trained (the Rate Norm methods need RateNorm layers trained per channel).
+CALIBRATED_METHODS = ("maxnorm", "robustnorm")
 
 Log = Callable[[str], None]
 
@@ -166,35 +169,80 @@ def train_paper_networks(
 
 def evaluate_method(
     model: nn.Module,
-    method: str,
+    method: str | MethodVariant,
     T: int,
     test_loader: data.ArrayLoader,
     calibration: data.ArrayLoader | None = None,
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> report.MethodResult:
-    """Convert ``model`` by ``method``, simulate it for T steps on ``test_loader``, and measure
-    the ANN's accuracy and Ω beside the SNN's accuracy, spikes and K curves per step."""
-    snn = convert(model, method, calibration=calibration, device=device, calibration_batches=CALIBRATION_BATCHES)
+    """Convert ``model`` by ``method`` (a name, or a :class:`~rnl_fast.conversion.MethodVariant`
+    with its ``v_init`` and ``channel_wise``), simulate it for T steps on ``test_loader``, and
+    measure the ANN's accuracy and Ω beside the SNN's accuracy, spikes and K curves per step. The
+    result records the method and its settings."""
+    variant = method if isinstance(method, MethodVariant) else MethodVariant(method)
+    snn = convert(
+        model,
+        variant.method,
+        calibration=calibration,
+        device=device,
+        calibration_batches=CALIBRATION_BATCHES,
+        v_init=variant.v_init,
+        channel_wise=variant.channel_wise,
+    )
     sim = simulate(snn, test_loader, T, ann=model, device=device, progress=progress)
     ann_accuracy = train.evaluate_ann(model, test_loader, device)
-    return report.MethodResult.from_simulation(ann_accuracy, mean_omega(snn, model, test_loader, device), sim)
+    return report.MethodResult.from_simulation(
+        ann_accuracy,
+        mean_omega(snn, model, test_loader, device),
+        sim,
+        method=variant.method,
+        v_init=variant.v_init,
+        channel_wise=variant.channel_wise,
+    )
+
+
+def latency_variants(
+    methods: Iterable[str], v_init: float | str = "half", channel_wise: bool = True
+) -> list[MethodVariant]:
+    """The latency variants run beside the paper's methods: each calibrated method of ``methods``
+    (MaxNorm, RobustNorm) with ``v_init`` and ``channel_wise``, and RNL+RIL with ``v_init``
+    (channel-wise Rate Norm needs a network trained for it). Variants that would only repeat the
+    paper's settings are left out."""
+    variants = [MethodVariant(m, v_init, channel_wise) for m in CALIBRATED_METHODS if m in methods]
+    if "rnl_ril" in methods:
+        variants.append(MethodVariant("rnl_ril", v_init))
+    return [v for v in variants if not v.is_paper_setting]
 
 
 def compare(
-    sources: Mapping[str, nn.Module],
+    sources: Mapping[str | MethodVariant, nn.Module],
     T: int,
     test_loader: data.ArrayLoader,
     calibration: data.ArrayLoader | None,
     device: torch.device | str = "cpu",
     log: Log = _silent,
 ) -> dict[str, report.MethodResult]:
-    """:func:`evaluate_method` for each (method → network) of ``sources``, in order."""
+    """:func:`evaluate_method` for each (method or variant → network) of ``sources``, in order;
+    the results are keyed by the variant's label (the method's name for the paper's settings)."""
     results = {}
     for method, model in sources.items():
-        log(f"\n[convert + simulate] {method}, T = {T}")
-        results[method] = evaluate_method(model.eval(), method, T, test_loader, calibration, device)
+        variant = method if isinstance(method, MethodVariant) else MethodVariant(method)
+        log(f"\n[convert + simulate] {variant.label}, T = {T}")
+        results[variant.label] = evaluate_method(model.eval(), variant, T, test_loader, calibration, device)
     return results
+
+
+def sources_with_variants(
+    nets: Mapping[str, nn.Module], v_init: float | str = "half", channel_wise: bool = True
+) -> dict[MethodVariant, nn.Module]:
+    """What ``compare`` and the demo run: each paper method whose network (by source name,
+    :data:`SOURCE_OF_METHOD`) is in ``nets``, then the :func:`latency_variants` of them."""
+    methods = [method for method, source in SOURCE_OF_METHOD.items() if source in nets]
+    sources = {MethodVariant(method): nets[SOURCE_OF_METHOD[method]] for method in methods}
+    for variant in latency_variants(methods, v_init, channel_wise):
+        sources[variant] = nets[SOURCE_OF_METHOD[variant.method]]
+    return sources
 
 
 def write_report(

@@ -41,6 +41,23 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
         ),
         pytest.param(["train", "--stage", "2", "--out", "x.pt"], "stage 2 needs --from", id="stage2-without-source"),
         pytest.param(
+            ["evaluate", "--checkpoint", "c.pt", "--method", "maxnorm", "--v-init", "1"],
+            "argument --v-init: v_init must be a fraction of the threshold in [0, 1) or 'half', got 1.0",
+            id="v-init-one",
+        ),
+        pytest.param(
+            ["compare", "--relu", "r.pt", "--v-init", "quarter"],
+            "argument --v-init: v_init must be a fraction of the threshold in [0, 1) or 'half', got the string",
+            id="v-init-word",
+        ),
+        pytest.param(["demo", "--v-init", "nan"], "argument --v-init: v_init must be", id="v-init-nan"),
+        pytest.param(["demo", "--v-init", "-0.25"], "argument --v-init: v_init must be", id="v-init-negative"),
+        pytest.param(
+            ["evaluate", "--checkpoint", "c.pt", "--method", "maxnorm", "--channel-wise=yes"],
+            "ignored explicit argument 'yes'",
+            id="channel-wise-value",
+        ),
+        pytest.param(
             ["evaluate", "--checkpoint", "missing.pt", "--method", "rnl"],
             "missing.pt does not exist",
             id="missing-checkpoint",
@@ -54,6 +71,22 @@ def test_errors_are_one_line_with_exit_status_2(capsys, tmp_path, monkeypatch, a
     assert match in err
     assert len(err.strip().splitlines()) == 1, err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "argv, v_init, channel_wise",
+    [
+        (["evaluate", "--checkpoint", "c.pt", "--method", "maxnorm"], 0.0, False),
+        (["evaluate", "--checkpoint", "c.pt", "--method", "maxnorm", "--v-init", "half", "--channel-wise"], 0.5, True),
+        (["evaluate", "--checkpoint", "c.pt", "--method", "rnl", "--v-init", "0.25"], 0.25, False),
+        (["compare", "--relu", "r.pt"], 0.5, True),  # the latency variants' defaults
+        (["compare", "--relu", "r.pt", "--v-init", "0", "--no-channel-wise"], 0.0, False),
+        (["demo", "--v-init", "0.75"], 0.75, True),
+    ],
+)
+def test_latency_options_parse(argv, v_init, channel_wise):
+    args = cli.build_parser().parse_args(argv)
+    assert (args.v_init, args.channel_wise) == (v_init, channel_wise)
 
 
 def test_unreadable_checkpoint(capsys, tmp_path):
@@ -89,6 +122,14 @@ def test_train_then_evaluate_on_synthetic_data(capsys, tmp_path):
     assert code == 0 and "rnl_ril" in out
     results = json.loads((out_dir / "results.json").read_text())
     assert results["T"] == 16 and len(results["methods"]["rnl_ril"]["snn_accuracy"]) == 16
+    evaluate = ["evaluate", "--checkpoint", str(ckpt2), "-T", "8", *common]
+    code, out, _err = _run(capsys, *evaluate, "--method", "rnl_ril", "--v-init", "half", "--out", str(out_dir))
+    assert code == 0 and "rnl_ril+half" in out
+    method = json.loads((out_dir / "results.json").read_text())["methods"]["rnl_ril+half"]
+    assert (method["method"], method["v_init"], method["channel_wise"]) == ("rnl_ril", 0.5, False)
+    code, _out, err = _run(capsys, *evaluate, "--method", "rnl", "--channel-wise")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "channel_wise=True with method 'rnl' needs a network trained with RateNorm(channel_wise=True)" in err
 
 
 @pytest.mark.slow
@@ -99,7 +140,18 @@ def test_demo_tiny(capsys, tmp_path):
     assert "T=8" in out and "steps to ANN−1" in out
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["dataset"] == "mnist" and results["model"] == "cnn7"
-    assert set(results["methods"]) == {"maxnorm", "robustnorm", "rnl", "rnl_ril"}
+    # The paper's four methods as the paper converts them, and the latency variants beside them.
+    settings = {name: (m["method"], m["v_init"], m["channel_wise"]) for name, m in results["methods"].items()}
+    assert settings == {
+        "maxnorm": ("maxnorm", 0.0, False),
+        "robustnorm": ("robustnorm", 0.0, False),
+        "rnl": ("rnl", 0.0, False),
+        "rnl_ril": ("rnl_ril", 0.0, False),
+        "maxnorm+cw+half": ("maxnorm", 0.5, True),
+        "robustnorm+cw+half": ("robustnorm", 0.5, True),
+        "rnl_ril+half": ("rnl_ril", 0.5, False),
+    }
+    assert "robustnorm+cw+half" in out  # a row of the table (the tiny ANNs are too weak to be ranked)
     for name, method in results["methods"].items():
         assert len(method["snn_accuracy"]) == results["T"] == len(method["spikes_per_step"]), name
         assert 0 <= method["ann_accuracy"] <= 100 and method["omega"] > 0

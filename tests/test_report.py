@@ -11,7 +11,9 @@ from rnl_fast import report
 from rnl_fast.energy import energy_to_accuracy
 
 
-def _result(ann: float, reach_at: int, T: int = 64, spikes: float = 100.0, omega: float = 3.0) -> report.MethodResult:
+def _result(
+    ann: float, reach_at: int, T: int = 64, spikes: float = 100.0, omega: float = 3.0, **settings
+) -> report.MethodResult:
     """A method whose SNN climbs linearly to ``ann`` − 0.5 at step ``reach_at`` (its target is
     ann − 1, first met a little before) and spends ``spikes`` per step."""
     accuracy = [min(ann - 0.5, 10.0 + (ann - 10.5) * t / reach_at) for t in range(1, T + 1)]
@@ -28,6 +30,7 @@ def _result(ann: float, reach_at: int, T: int = 64, spikes: float = 100.0, omega
         target_accuracy=ann - report.TARGET_MARGIN,
         steps_to_target=reached.steps,
         energy_to_target=reached.energy,
+        **settings,
     )
 
 
@@ -84,6 +87,32 @@ def test_unfit_anns_are_named_first_and_not_ranked() -> None:
     assert "not ranked" in rows["rnl_ril"] and "not ranked" in rows["rnl"] and "not ranked" not in rows["maxnorm"]
 
 
+def test_latency_variants_leave_the_paper_verdict_alone_and_the_fastest_is_named() -> None:
+    """Catches: a variant ranked into the paper's claim (it would beat rnl_ril and flip it), a
+    variant setting the common target, the fastest-of-all line missing or naming a paper method."""
+    paper = _four(rnl_ril_at=20, robust_at=40)
+    with_variants = {
+        **paper,
+        "robustnorm+cw+half": _result(99.0, 3, method="robustnorm", v_init=0.5, channel_wise=True),
+        "maxnorm+cw+half": _result(99.0, 5, method="maxnorm", v_init=0.5, channel_wise=True),
+        "rnl_ril+half": _result(96.0, 8, method="rnl_ril", v_init=0.5),  # a lower ANN would lower the common target
+    }
+    lines, paper_lines = report.verdict(with_variants), report.verdict(paper)
+    fastest = [line for line in lines if line.startswith("Fastest of all")]
+    assert fastest == [
+        "Fastest of all, latency variants included: robustnorm+cw+half, "
+        f"{with_variants['robustnorm+cw+half'].steps_to_target} steps to its ANN accuracy − 1 point "
+        f"({with_variants['robustnorm+cw+half'].energy_to_target:,.0f} spikes per image); the paper's fastest, "
+        f"rnl_ril: {paper['rnl_ril'].steps_to_target} steps."
+    ]
+    assert not any(line.startswith("Fastest of all") for line in paper_lines)
+    kept = [line for line in lines if not line.startswith(("Fastest of all", "Conversion loss"))]
+    assert kept == [line for line in paper_lines if not line.startswith("Conversion loss")]
+    assert "robustnorm+cw+half" in next(line for line in lines if line.startswith("Conversion loss"))
+    table = report.paper_table(with_variants)
+    assert any(line.startswith("robustnorm+cw+half ") for line in table.splitlines())
+
+
 def test_common_target_is_the_lowest_ann_minus_one() -> None:
     results = _four(rnl_ril_at=20, robust_at=40)
     line = next(line for line in report.verdict(results) if line.startswith("To one common target"))
@@ -120,3 +149,7 @@ def test_figures_and_results_json(tmp_path) -> None:
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["verdict"] == sentences
     assert saved["methods"]["rnl_ril"]["layer_labels"] == {"2": "conv1"}
+    assert {key: saved["methods"]["rnl_ril"][key] for key in ("v_init", "channel_wise")} == {
+        "v_init": 0.0,
+        "channel_wise": False,
+    }

@@ -11,10 +11,15 @@
                         "steps_to_target": t or null,
                         "energy_to_target": spikes per image until then (joules at α = 1 J per
                                             spike, paper Eq. 14) or null,
-                        "target_accuracy": ANN accuracy − 1 point}},
+                        "target_accuracy": ANN accuracy − 1 point,
+                        "method": the conversion method (maxnorm, robustnorm, rnl, rnl_ril),
+                        "v_init": initial membrane as a fraction of the threshold (0: the paper's),
+                        "channel_wise": thresholds per channel (false: per layer, the paper's)}},
      "verdict": [the sentences the demo prints after its table]}
 
-for NAME in maxnorm, robustnorm, rnl, rnl_ril.
+for NAME in maxnorm, robustnorm, rnl, rnl_ril (the paper's settings) and the latency variants,
+named by their label: the method, ``+cw`` when channel-wise, ``+half`` (or ``+v0.25``) for the
+initial membrane, e.g. ``robustnorm+cw+half``.
 """
 
 from __future__ import annotations
@@ -45,9 +50,23 @@ class MethodResult:
     target_accuracy: float = 0.0
     steps_to_target: int | None = None
     energy_to_target: float | None = None
+    #: The conversion method ("" when not recorded: the results' name is then the method).
+    method: str = ""
+    #: Initial membrane as a fraction of the threshold (0: the paper's start).
+    v_init: float = 0.0
+    #: Thresholds per channel (False: one per layer, the paper's).
+    channel_wise: bool = False
 
     @classmethod
-    def from_simulation(cls, ann_accuracy: float, omega: float, sim: SimulationResult) -> MethodResult:
+    def from_simulation(
+        cls,
+        ann_accuracy: float,
+        omega: float,
+        sim: SimulationResult,
+        method: str = "",
+        v_init: float = 0.0,
+        channel_wise: bool = False,
+    ) -> MethodResult:
         target = ann_accuracy - TARGET_MARGIN
         reached = energy_to_accuracy(sim.accuracy, sim.spikes_per_step, target)
         return cls(
@@ -61,7 +80,15 @@ class MethodResult:
             target_accuracy=target,
             steps_to_target=reached.steps,
             energy_to_target=reached.energy,
+            method=method,
+            v_init=v_init,
+            channel_wise=channel_wise,
         )
+
+    @property
+    def is_variant(self) -> bool:
+        """Whether the method ran with settings the paper does not use (a latency variant)."""
+        return self.v_init != 0.0 or self.channel_wise
 
     @property
     def conversion_loss(self) -> float:

@@ -133,7 +133,7 @@ def _target_rates(ann: nn.Module, x: Tensor, layers: dict[str, SpikingNeurons]) 
     return {
         name: raw[name]
         if isinstance(ann.get_submodule(name), RateNorm)
-        else (raw[name] / layer.neurons.v_threshold).clamp(0, 1)
+        else (raw[name] / layer.threshold_for(raw[name])).clamp(0, 1)
         for name, layer in layers.items()
     }
 

@@ -28,6 +28,11 @@ class SpikingNeurons(nn.Module):
     layer computes in, each spike carrying ``spike_weight`` (1 for RNL; λ for threshold
     balancing, which is Theorem 1's weight scaling moved onto the spike).
 
+    ``threshold`` and ``spike_weight`` are floats, or float32 ``[C]`` tensors with one value per
+    channel: dim 1 of the neurons ``[B, C, ...]``; they are broadcast as ``[C, 1, 1]`` for
+    ``[B, C, H, W]`` and ``[F]`` for ``[B, F]`` (:meth:`per_channel`). After each reset the
+    membrane starts at ``v_init · threshold`` (per channel when the threshold is).
+
     With ``fused_pool`` (the ``nn.AvgPool2d(2)`` that followed the activation, set by
     :class:`SpikingNetwork`) it returns the pooled rates ``[T·B, C, H', W']`` instead, from one
     kernel that never stores the spikes (:meth:`rnl_fast.IFSequence.forward_pool2x2`); while an
@@ -35,21 +40,88 @@ class SpikingNeurons(nn.Module):
     with the same result to the bit.
     """
 
-    def __init__(self, threshold: float, spike_weight: float, spike_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        threshold: float | Tensor,
+        spike_weight: float | Tensor = 1.0,
+        spike_dtype: torch.dtype | None = None,
+        v_init: float = 0.0,
+    ) -> None:
         super().__init__()
+        if not (isinstance(v_init, (int, float)) and not isinstance(v_init, bool) and 0.0 <= v_init < 1.0):
+            raise ValueError(f"v_init must be a fraction of the threshold in [0, 1), got {v_init!r}")
+        self.threshold = _channel_vector("threshold", threshold)
+        self.spike_weight = _channel_vector("spike_weight", spike_weight)
+        for name in ("threshold", "spike_weight"):
+            value = getattr(self, name)
+            if isinstance(value, Tensor):
+                delattr(self, name)
+                self.register_buffer(name, value)
+        #: Fraction of the threshold the membrane starts at after each reset.
+        self.v_init = float(v_init)
         # Spikes per neuron are not kept: simulate() needs the totals per step only, and the
         # per-neuron counts cost a write and an accumulation of the largest layer every chunk.
-        self.neurons = IFSequence(v_threshold=threshold, spike_dtype=spike_dtype, count_neurons=False)
-        self.spike_weight = spike_weight
+        # A per-channel threshold is given its broadcast shape at the first forward, which shows
+        # the neurons' rank (_shape_parameters); until then the IF module holds it as [C].
+        self.neurons = IFSequence(
+            v_threshold=self.threshold,
+            v_init=0.0 if self.channel_wise else self.v_init * self.threshold,
+            spike_dtype=spike_dtype,
+            count_neurons=False,
+        )
+        # The neuron dims and device the per-channel IF parameters were last shaped for.
+        self._shaped_for: tuple[int, torch.device] | None = None
         #: The 2×2 average pooling fused into this layer, or None.
         self.fused_pool: nn.AvgPool2d | None = None
         #: Called with each chunk's spikes ``[T, B, ...]`` (for K curves); None when unused.
         self.observer: Callable[[Tensor], None] | None = None
 
+    @property
+    def channel_wise(self) -> bool:
+        """Whether the threshold is per channel."""
+        return isinstance(self.threshold, Tensor)
+
+    def per_channel(self, value: float | Tensor, ndim: int) -> float | Tensor:
+        """``value`` broadcastable to neurons ``[B, C, ...]`` of ``ndim`` dims: a float as it is,
+        a ``[C]`` tensor as ``[C, 1, …]`` (``ndim − 2`` ones)."""
+        if not isinstance(value, Tensor):
+            return value
+        if ndim < 2:
+            raise ValueError(f"per-channel neurons need a channel dimension (dim 1); got neurons of {ndim} dims")
+        return value.view(-1, *[1] * (ndim - 2))
+
+    def threshold_for(self, activation: Tensor) -> float | Tensor:
+        """The threshold broadcastable to ``activation: [B, C, ...]`` (the ANN's activation)."""
+        return self.per_channel(self.threshold, activation.dim())
+
+    def _shape_parameters(self, current: Tensor) -> None:
+        """Give the IF neurons the per-channel threshold and initial membrane in the broadcast shape
+        of ``current: [T, B, C, ...]`` (once per neuron rank and device)."""
+        if not self.channel_wise:
+            return
+        key = (current.dim() - 1, current.device)
+        if key == self._shaped_for:
+            return
+        ndim = current.dim() - 1
+        if ndim < 2 or current.shape[2] != self.threshold.numel():
+            raise ValueError(
+                f"{self.threshold.numel()} per-channel thresholds but the neurons have shape "
+                f"{tuple(current.shape[1:])} (channels are dim 1)"
+            )
+        threshold = self.per_channel(self.threshold, ndim).to(current.device)
+        self.neurons.v_threshold = threshold
+        self.neurons.v_init = threshold * self.v_init if self.v_init else 0.0
+        self._shaped_for = key
+
     def forward(self, current: Tensor) -> Tensor:
+        self._shape_parameters(current)
         pool = self.fused_pool
+        weight = self.spike_weight
         if pool is not None and self.observer is None:
-            return self.neurons.forward_pool2x2(current, self.spike_weight, pool.ceil_mode).flatten(0, 1)
+            if isinstance(weight, Tensor):  # λ_c commutes with the pooling inside channel c
+                pooled = self.neurons.forward_pool2x2(current, 1.0, pool.ceil_mode).flatten(0, 1)
+                return pooled * self.per_channel(weight, pooled.dim()).to(pooled.dtype)
+            return self.neurons.forward_pool2x2(current, weight, pool.ceil_mode).flatten(0, 1)
         spikes = self.neurons(current)
         if self.observer is not None:
             self.observer(spikes)
@@ -58,11 +130,28 @@ class SpikingNeurons(nn.Module):
             out = out.to(current.dtype)
         if pool is not None:
             out = pool(out)
-        return out * self.spike_weight if self.spike_weight != 1.0 else out
+        if isinstance(weight, Tensor):
+            return out * self.per_channel(weight, out.dim()).to(out.dtype)
+        return out * weight if weight != 1.0 else out
 
     def extra_repr(self) -> str:
+        def text(value: float | Tensor) -> str:
+            return f"[{value.numel()} channels]" if isinstance(value, Tensor) else f"{value:.4g}"
+
         pool = ", fused 2x2 average pooling" if self.fused_pool is not None else ""
-        return f"threshold={self.neurons.v_threshold:.4g}, spike_weight={self.spike_weight:.4g}{pool}"
+        start = f", v_init={self.v_init:g}·threshold" if self.v_init else ""
+        return f"threshold={text(self.threshold)}, spike_weight={text(self.spike_weight)}{start}{pool}"
+
+
+def _channel_vector(name: str, value: float | Tensor) -> float | Tensor:
+    """A float as it is; a tensor as a float32 ``[C]`` copy (a one-element tensor as a float)."""
+    if not isinstance(value, Tensor):
+        return float(value)
+    if value.numel() == 1:
+        return float(value)
+    if value.dim() != 1:
+        raise ValueError(f"a per-channel {name} must be a 1-D tensor [C], got shape {tuple(value.shape)}")
+    return value.detach().float().clone()
 
 
 class AvgPool2x2(nn.Module):
@@ -111,30 +200,43 @@ class SpikingNetwork(nn.Module):
 
     ``forward(x: [B, ...], T) → [T, B, K]``: the output estimate after each step, i.e. the last
     layer's output current averaged over steps 1..t (constant coding: ``x`` is the input current
-    at every step). The membranes are reset at the start of each call.
+    at every step). The membranes are reset at the start of each call, to ``v_init·θ`` of each
+    layer (only the first chunk of a long simulation starts there; the rest carry the membrane).
+
+    Args:
+        graph_module: the traced ANN graph; the modules named in ``thresholds`` become neurons.
+        thresholds, spike_weights: per neuron layer, a float or a float32 ``[C]`` tensor (per
+            channel, dim 1 of the activation; see :class:`SpikingNeurons`).
+        method: the conversion method that built it (for progress bars and reports).
+        spike_dtype: dtype of the spikes between layers (None: the current's dtype).
+        v_init: fraction of each layer's threshold the membranes start at, in [0, 1).
 
     Attributes:
         neuron_layers: name → :class:`SpikingNeurons`, in graph order.
         method: the conversion method that built it.
+        v_init: the initial membrane, as a fraction of the threshold.
     """
 
     def __init__(
         self,
         graph_module: fx.GraphModule,
-        thresholds: dict[str, float],
-        spike_weights: dict[str, float],
+        thresholds: dict[str, float | Tensor],
+        spike_weights: dict[str, float | Tensor],
         method: str,
         spike_dtype: torch.dtype | None = None,
+        v_init: float = 0.0,
     ) -> None:
         super().__init__()
         for name, threshold in thresholds.items():
-            graph_module.set_submodule(name, SpikingNeurons(threshold, spike_weights[name], spike_dtype))
+            neurons = SpikingNeurons(threshold, spike_weights[name], spike_dtype, v_init=v_init)
+            graph_module.set_submodule(name, neurons)
         _fuse_pools(graph_module, set(thresholds))
         for node in graph_module.graph.nodes:  # the pools left in the graph
             if node.op == "call_module" and _is_2x2_pool(graph_module.get_submodule(node.target), ceil_mode_ok=False):
                 graph_module.set_submodule(node.target, AvgPool2x2())
         self.graph_module = graph_module
         self.method = method
+        self.v_init = float(v_init)
         self._activation_bytes_per_image: dict[tuple[int, ...], int] = {}
         self.neuron_names = list(thresholds)
         # The node after which each value is read no more: _run_graph drops it there, so that a
@@ -145,6 +247,11 @@ class SpikingNetwork(nn.Module):
     @property
     def neuron_layers(self) -> dict[str, SpikingNeurons]:
         return {name: self.graph_module.get_submodule(name) for name in self.neuron_names}
+
+    @property
+    def channel_wise(self) -> bool:
+        """Whether any neuron layer has a threshold per channel."""
+        return any(layer.channel_wise for layer in self.neuron_layers.values())
 
     def layer_labels(self) -> dict[str, str]:
         """A readable name for each neuron layer: ``conv3`` or ``fc1`` after the conv/linear layer
