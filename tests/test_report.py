@@ -52,6 +52,17 @@ def test_verdict_when_the_paper_claim_holds() -> None:
     assert any(line.startswith("Conversion loss at T = 64") for line in lines)
 
 
+def test_verdict_says_when_the_claim_rests_on_an_easier_target() -> None:
+    # rnl_ril's ANN is 4.5 points weaker: it is first to its own target (20 < 21 steps), but to the
+    # common target (93.5 %) robustnorm gets there in the same 20 steps.
+    results = _four(rnl_ril_at=20, robust_at=21, ann=94.5)
+    claim = next(line for line in report.verdict(results) if "paper's claim" in line)
+    assert claim.startswith("This agrees with the paper's claim")
+    assert "common target (93.50%) it does not hold: rnl_ril 20 steps, robustnorm 20" in claim
+    fair = next(line for line in report.verdict(_four(rnl_ril_at=20, robust_at=40)) if "paper's claim" in line)
+    assert "common target" not in fair
+
+
 @pytest.mark.parametrize(
     "kwargs, reason",
     [
