@@ -77,15 +77,13 @@ def test_if_backward_matches_reference(v_reset):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_rate_norm_matches_reference(training):
-    x = (torch.randn(64, 32, 14, 14, device="cuda") * 1.5 + 0.3).requires_grad_()
-    raw_p = torch.tensor(1.2, device="cuda", requires_grad=True)
-    running_max = torch.tensor(2.0, device="cuda")
+def _assert_rate_norm_matches_reference(x, raw_p, running_max, options: tuple, grad_atol: float) -> None:
+    """ops.rate_norm against reference.rate_norm with ``options`` after the three tensors: outputs,
+    and the gradients of x and raw_p under the loss ``(r*w).sum() + Σr/(Σr² + 1e-5)``."""
     w = torch.randn_like(x)
     outs, grads = [], []
     for fn in (ops.rate_norm, reference.rate_norm):
-        out = RateNormResult(*fn(x, raw_p, running_max, 0.1, training))
+        out = RateNormResult(*fn(x, raw_p, running_max, *options))
         outs.append(out)
         loss = (out.r * w).sum() + out.sum_r / (out.sum_r2 + 1e-5)
         grads.append(torch.autograd.grad(loss, [x, raw_p]))
@@ -93,7 +91,15 @@ def test_rate_norm_matches_reference(training):
     torch.testing.assert_close(outs[0].running_max, outs[1].running_max)
     torch.testing.assert_close(outs[0].sum_r, outs[1].sum_r, rtol=1e-4, atol=1e-3)
     for fast, ref in zip(*grads):
-        torch.testing.assert_close(fast, ref, rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(fast, ref, rtol=1e-3, atol=grad_atol)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_rate_norm_matches_reference(training):
+    x = (torch.randn(64, 32, 14, 14, device="cuda") * 1.5 + 0.3).requires_grad_()
+    raw_p = torch.tensor(1.2, device="cuda", requires_grad=True)
+    running_max = torch.tensor(2.0, device="cuda")
+    _assert_rate_norm_matches_reference(x, raw_p, running_max, (0.1, training), grad_atol=1e-5)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("spikingjelly") is None, reason="spikingjelly not installed")
@@ -132,15 +138,4 @@ def test_rate_norm_channel_wise_matches_reference(layout, levels):
     x.requires_grad_()
     raw_p = torch.tensor(1.2, device="cuda", requires_grad=True)
     running_max = torch.rand(32, device="cuda") + 1.0
-    w = torch.randn_like(x)
-    outs, grads = [], []
-    for fn in (ops.rate_norm, reference.rate_norm):
-        out = RateNormResult(*fn(x, raw_p, running_max, 0.1, True, True, levels))
-        outs.append(out)
-        loss = (out.r * w).sum() + out.sum_r / (out.sum_r2 + 1e-5)
-        grads.append(torch.autograd.grad(loss, [x, raw_p]))
-    torch.testing.assert_close(outs[0].r, outs[1].r, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(outs[0].running_max, outs[1].running_max)
-    torch.testing.assert_close(outs[0].sum_r, outs[1].sum_r, rtol=1e-4, atol=1e-3)
-    for fast, ref in zip(*grads):
-        torch.testing.assert_close(fast, ref, rtol=1e-3, atol=1e-4)
+    _assert_rate_norm_matches_reference(x, raw_p, running_max, (0.1, True, True, levels), grad_atol=1e-4)
