@@ -1,17 +1,18 @@
 """rnl_fast: fast, exact ANN→SNN conversion with Rate Norm Layers (Ding et al., IJCAI 2021).
 
 The layers: :class:`IFSequence` (multi-step integrate-and-fire, one fused kernel per call) and
-:class:`RateNorm` (fused Rate Norm Layer with the Rate Inference Loss sums). The ops underneath
-are :func:`if_sequence`, :func:`if_sequence_pool2x2` (IF fused with 2×2 average pooling) and
-:func:`rate_norm` (:mod:`rnl_fast.ops`); their pure-PyTorch definitions are in
+:class:`RateNorm` (fused Rate Norm Layer with the Rate Inference Loss sums), and :class:`QCFS`
+(quantized clipped ReLU with a trainable bound, Bu et al. 2022). The ops underneath are
+:func:`if_sequence`, :func:`if_sequence_pool2x2` (IF fused with 2×2 average pooling), :func:`rate_norm`
+and :func:`qcfs` (:mod:`rnl_fast.ops`); their pure-PyTorch definitions are in
 :mod:`rnl_fast.reference`. The method on top: :func:`convert` (ANN → SNN, :mod:`rnl_fast.conversion`)
 and :func:`simulate` (accuracy, spikes, K curves per step, :mod:`rnl_fast.simulation`); training in
 :mod:`rnl_fast.train`; the whole experiment in :mod:`rnl_fast.pipeline`; the CLI in :mod:`rnl_fast.cli`.
 """
 
 from .conversion import ConversionError, convert
-from .nn import IFSequence, RateNorm, rate_inference_loss
-from .ops import backend_for, if_sequence, if_sequence_pool2x2, rate_norm
+from .nn import QCFS, IFSequence, RateNorm, rate_inference_loss
+from .ops import backend_for, if_sequence, if_sequence_pool2x2, qcfs, rate_norm
 from .reference import omega
 from .simulation import SimulationResult, SpikingNetwork, reuse_freed_memory, simulate
 
@@ -20,12 +21,14 @@ __version__ = "0.1.0"
 __all__ = [
     "ConversionError",
     "IFSequence",
+    "QCFS",
     "RateNorm",
     "backend_for",
     "convert",
     "if_sequence",
     "if_sequence_pool2x2",
     "omega",
+    "qcfs",
     "rate_inference_loss",
     "rate_norm",
     "reuse_freed_memory",

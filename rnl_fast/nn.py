@@ -1,4 +1,4 @@
-"""The two layers as nn.Modules: :class:`IFSequence` (spiking) and :class:`RateNorm` (ANN).
+"""The layers as nn.Modules: :class:`IFSequence` (spiking), :class:`RateNorm` and :class:`QCFS` (ANN).
 
 Modules hold state (membrane, spike counts, running max) and call :mod:`rnl_fast.ops`; they
 know nothing of training, conversion or simulation.
@@ -272,6 +272,50 @@ class RateNorm(nn.Module):
         if self.levels is not None:
             text += f", levels={self.levels}"
         return text
+
+
+#: QCFS's quantization levels L when none is given (Bu et al. 2022 train with L = 4…16).
+QCFS_LEVELS = 8
+#: The clipping bound λ a QCFS layer starts from (QCFS's paper initialises it to 8).
+QCFS_THRESHOLD_INIT = 8.0
+
+
+class QCFS(nn.Module):
+    """QCFS activation (Bu et al., ICLR 2022): ``λ·clamp(floor(x/λ·L + ½)/L, 0, 1)``.
+
+    A ReLU clipped at a trainable bound λ (:attr:`threshold`, one per layer) and quantized to L
+    levels with the shift ½, trained in one stage with the weights (straight-through floor; the
+    gradients of :func:`rnl_fast.reference.qcfs`). Converted, it becomes IF neurons with threshold
+    λ whose spikes carry the weight λ, starting at θ/2 (method ``"qcfs"``); QCFS's analysis shows
+    the expected conversion error is then zero at any number of steps.
+
+    Args:
+        levels: L, a positive int.
+        threshold_init: initial λ, positive and finite.
+
+    Shape: any ``[*]`` → same shape and dtype.
+    """
+
+    def __init__(self, levels: int = QCFS_LEVELS, threshold_init: float = QCFS_THRESHOLD_INIT) -> None:
+        super().__init__()
+        levels = check_levels(levels)
+        if levels is None:
+            raise ValueError("levels must be a positive int for QCFS, got None")
+        if not (
+            isinstance(threshold_init, (int, float))
+            and not isinstance(threshold_init, bool)
+            and math.isfinite(threshold_init)
+            and threshold_init > 0
+        ):
+            raise ValueError(f"threshold_init must be a positive finite float, got {threshold_init!r}")
+        self.levels = levels
+        self.threshold = nn.Parameter(torch.tensor(float(threshold_init)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.qcfs(x, self.threshold, self.levels)
+
+    def extra_repr(self) -> str:
+        return f"levels={self.levels}, threshold={self.threshold.item():.4g}"
 
 
 def rate_inference_loss(model: nn.Module) -> Tensor:

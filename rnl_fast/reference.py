@@ -183,6 +183,28 @@ def quantized_rate(x: Tensor, theta: Tensor, levels: int) -> Tensor:
     return torch.clamp(k / levels, 0.0, 1.0)
 
 
+def qcfs(x: Tensor, threshold: Tensor, levels: int) -> Tensor:
+    """QCFS activation (Bu et al., ICLR 2022): ``λ·clamp(floor(x/λ·L + ½)/L, 0, 1)``, λ = ``threshold``.
+
+    The quantization-clip-floor-shift of a ReLU with a trainable clipping bound λ, as the official
+    code computes it (divide, straight-through floor, clamp, multiply), so autograd gives its
+    gradients: with ``k = floor(x/λ·L + ½)``, inside the window 0 ≤ k ≤ L (x in
+    [−λ/2L, λ(1 + 1/2L)) up to rounding) dy/dx = 1 and dy/dλ = k/L − x/λ; above it dy/dλ = 1,
+    below it both are 0. Computed in the compute dtype (float32 for half inputs).
+
+    Args:
+        x: ``[*]`` any shape, floating.
+        threshold: ``[]`` λ > 0 (a trainable parameter in :class:`rnl_fast.QCFS`).
+        levels: L, a positive int: the output takes the L + 1 values λ·k/L, k = 0…L.
+
+    Returns:
+        ``[*]`` in ``x.dtype``.
+    """
+    xc = x.to(compute_dtype_of(x.dtype))
+    lam = threshold.to(xc.dtype)
+    return (quantized_rate(xc, lam, levels) * lam).to(x.dtype)
+
+
 def rate_norm(
     x: Tensor,
     raw_p: Tensor,

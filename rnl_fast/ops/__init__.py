@@ -7,7 +7,7 @@ pure-PyTorch definitions in :mod:`rnl_fast.reference`. The kernels are called on
 ops, so ``torch.compile`` sees one opaque node per op and never a graph break.
 
 One file per op family: :mod:`.if_` (IF neurons), :mod:`.if_pool` (IF fused with 2×2 pooling),
-:mod:`.rate_norm` (Rate Norm Layer); :mod:`.layout` lays the inputs out for the kernels
+:mod:`.rate_norm` (Rate Norm Layer), :mod:`.qcfs` (QCFS activation); :mod:`.layout` lays the inputs out for the kernels
 (memory order, time-major ``[T, N]``) and :mod:`._checks` validates the arguments.
 """
 
@@ -16,6 +16,7 @@ from ._backend import BACKENDS, backend_for
 from ._if_io import IFResult
 from .if_ import if_sequence
 from .if_pool import if_sequence_pool2x2
+from .qcfs import qcfs
 from .rate_norm import RateNormResult, rate_norm
 
 __all__ = [
@@ -26,5 +27,6 @@ __all__ = [
     "backend_for",
     "if_sequence",
     "if_sequence_pool2x2",
+    "qcfs",
     "rate_norm",
 ]
