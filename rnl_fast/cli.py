@@ -2,10 +2,11 @@
 
     rnl-fast train --stage 1 --model cnn7 --dataset mnist --epochs 4 --out runs/rnl.pt
     rnl-fast train --stage 1 --activation relu --out runs/relu.pt
+    rnl-fast train --stage 1 --activation qcfs --levels 8 --out runs/qcfs.pt
     rnl-fast train --stage 2 --from runs/rnl.pt --lam 0.1 --tolerance 1 --out runs/rnl_ril.pt
     rnl-fast evaluate --checkpoint runs/rnl_ril.pt --method rnl_ril -T 256
     rnl-fast evaluate --checkpoint runs/relu.pt --method robustnorm --channel-wise --v-init half -T 32
-    rnl-fast compare --relu runs/relu.pt --rnl runs/rnl.pt --rnl-ril runs/rnl_ril.pt -T 256 --out runs/table
+    rnl-fast compare --relu runs/relu.pt --rnl-ril runs/rnl_ril.pt --qcfs runs/qcfs.pt -T 256 --out runs/table
     rnl-fast demo --out demo_out
 
 Each command parses its arguments and calls the Python API (:mod:`rnl_fast.pipeline`,
@@ -25,6 +26,7 @@ import torch
 
 from . import data, models, pipeline, report, train
 from .conversion import METHODS, ConversionError, MethodVariant, initial_fraction
+from .nn import QCFS_LEVELS
 from .simulation import reuse_freed_memory
 
 
@@ -129,9 +131,12 @@ def _add_latency_arguments(p: argparse.ArgumentParser, variants: bool) -> None:
         v_help = "initial membrane of the latency variants, as a fraction of θ: 0, half or a number in [0, 1)"
         cw_help = "channel-wise thresholds in the MaxNorm/RobustNorm latency variants (--no-channel-wise: per layer)"
     else:
-        v_help = "initial membrane as a fraction of the threshold θ: 0 (the paper's), half (θ/2) or a number in [0, 1)"
+        v_help = (
+            "initial membrane as a fraction of the threshold θ: 0, half (θ/2) or a number in [0, 1); "
+            "default: the method's (0 as the paper for its four methods, half for qcfs and rnl_qcfs)"
+        )
         cw_help = "one threshold per channel (MaxNorm, RobustNorm; Rate Norm needs RateNorm(channel_wise=True))"
-    p.add_argument("--v-init", dest="v_init", type=_v_init, default=0.5 if variants else 0.0, help=v_help)
+    p.add_argument("--v-init", dest="v_init", type=_v_init, default=0.5 if variants else None, help=v_help)
     p.add_argument(
         "--channel-wise", action=argparse.BooleanOptionalAction, default=variants, dest="channel_wise", help=cw_help
     )
@@ -151,7 +156,18 @@ def build_parser() -> argparse.ArgumentParser:
     t = commands.add_parser("train", help="stage 1 (weights) or stage 2 (thresholds, with the Rate Inference Loss)")
     t.add_argument("--stage", type=int, choices=(1, 2), default=1)
     t.add_argument("--model", default="cnn7", choices=tuple(models.MODELS), help="stage 1 only")
-    t.add_argument("--activation", default="rnl", choices=("rnl", "relu"), help="stage 1 only; relu trains a baseline")
+    t.add_argument(
+        "--activation",
+        default="rnl",
+        choices=models.ACTIVATIONS,
+        help="stage 1 only; relu trains a baseline, qcfs a QCFS network (Bu et al. 2022)",
+    )
+    t.add_argument(
+        "--levels",
+        type=_positive_int,
+        default=None,
+        help="stage 1 only: quantization levels L of qcfs (default 8) or of the Rate Norm rates (default: none)",
+    )
     t.add_argument("--from", dest="source", default=None, help="stage 2: the stage-1 checkpoint to start from")
     t.add_argument("--epochs", type=_non_negative_int, default=4)
     t.add_argument("--lr", type=float, default=None, help="default: 0.1 (stage 1), 0.01 (stage 2)")
@@ -174,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--relu", help="stage-1 checkpoint of the ReLU network (MaxNorm, RobustNorm)")
     c.add_argument("--rnl", help="stage-1 checkpoint of the Rate Norm network")
     c.add_argument("--rnl-ril", dest="rnl_ril", help="stage-2 checkpoint (after the Rate Inference Loss)")
+    c.add_argument("--qcfs", help="checkpoint of the QCFS network (train --activation qcfs)")
+    c.add_argument(
+        "--rnl-qcfs", dest="rnl_qcfs", help="stage-2 checkpoint of a Rate Norm network trained with --levels"
+    )
     c.add_argument("-T", "--steps", dest="T", type=_positive_int, default=256)
     c.add_argument("--out", default=None, help="directory for results.json and figures")
     _add_latency_arguments(c, variants=True)
@@ -187,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default="cnn7", choices=tuple(models.MODELS), help="the network to train and convert")
     d.add_argument("--epochs", type=_positive_int, default=4, help="stage-1 epochs of each network")
     d.add_argument("--stage2-epochs", type=_positive_int, default=3, help="stage-2 epochs (the thresholds)")
+    d.add_argument(
+        "--qcfs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also train and convert the QCFS network and the Rate Norm network with quantized rates (rnl_qcfs)",
+    )
+    d.add_argument("--levels", type=_positive_int, default=QCFS_LEVELS, help="quantization levels L of those two")
     _add_method_arguments(d, tolerance=1.0)
     d.add_argument("-T", "--steps", dest="T", type=_positive_int, default=256)
     d.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (CI): small subsets, 1 epoch, T=32")
@@ -259,6 +286,8 @@ def _train(args) -> None:
     )
     if args.stage == 1:
         kwargs = pipeline.model_kwargs(args.activation, experiment.test_set)
+        if args.levels is not None:
+            kwargs["levels"] = args.levels
         model = models.build_model(args.model, seed=args.seed, **kwargs)
         history = train.train_stage1(
             model,
@@ -331,8 +360,11 @@ def cmd_demo(args) -> None:
         checks_per_epoch=args.checks_per_epoch,
         readout_lr_scale=args.readout_lr_scale,
         seed=args.seed,
+        levels=args.levels,
     )
     nets = pipeline.train_paper_networks(experiment, plan, out, args.device, log=print)
+    if args.qcfs:
+        nets.update(pipeline.train_latency_networks(experiment, plan, out, args.device, log=print))
     sources = pipeline.sources_with_variants(nets, args.v_init, args.channel_wise)
     results = pipeline.compare(sources, args.T, experiment.test, experiment.train, args.device, log=print)
     verdict = _print_table(results, model_name, experiment)
@@ -341,10 +373,16 @@ def cmd_demo(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    checkpoints = {"relu": args.relu, "rnl": args.rnl, "rnl_ril": args.rnl_ril}
+    checkpoints = {
+        "relu": args.relu,
+        "rnl": args.rnl,
+        "rnl_ril": args.rnl_ril,
+        "qcfs": args.qcfs,
+        "rnl_qcfs": args.rnl_qcfs,
+    }
     given = {kind: path for kind, path in checkpoints.items() if path}
     if not given:
-        raise ValueError("give at least one of --relu, --rnl, --rnl-ril")
+        raise ValueError("give at least one of --relu, --rnl, --rnl-ril, --qcfs, --rnl-qcfs")
     states = {kind: train.load_checkpoint(path) for kind, path in given.items()}
     nets = {kind: train.model_from_state(state, args.device, source=given[kind]) for kind, state in states.items()}
     model_name = next(iter(states.values())).get("model_name", "model")

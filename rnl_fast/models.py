@@ -8,11 +8,13 @@ spiking one and run the very same forward pass:
 - average pooling only: an SNN can average spike rates but not max-pool them;
 - the only operation outside modules is the residual addition in :class:`PreActBlock`.
 
-The RNL and ReLU versions of a network have the same layers and the same parameters apart from
-the Rate Norm raw p's.
+The RNL, ReLU and QCFS versions of a network have the same layers and the same parameters apart
+from the Rate Norm raw p's (QCFS: the clipping bounds λ).
 
 Builders share one signature: ``NAME(activation, in_channels, num_classes, input_size, shared_p,
-momentum, p_init)`` (plus ``dropout`` for the two nets with hidden fully connected layers); all
+momentum, p_init, levels)`` (plus ``dropout`` for the two nets with hidden fully connected
+layers); ``activation`` is ``"rnl"``, ``"relu"`` or ``"qcfs"`` (QCFS layers, Bu et al. 2022, with
+``levels`` L, default 8); ``levels`` with ``"rnl"`` quantizes the Rate Norm Layers' rates. All
 take a ``[B, in_channels, input_size, input_size]`` float batch and return logits
 ``[B, num_classes]``. ``build_model(name, **kwargs)`` looks a builder up in :data:`MODELS`.
 """
@@ -24,10 +26,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .nn import RateNorm
+from .nn import QCFS, QCFS_LEVELS, RateNorm
 
 #: Values accepted by the ``activation`` argument of every builder.
-ACTIVATIONS = ("rnl", "relu")
+ACTIVATIONS = ("rnl", "relu", "qcfs")
 
 # Channels of the 13 convolutions of VGG-16, grouped into the five stages that end in a pooling.
 _VGG16_STAGES = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
@@ -40,24 +42,33 @@ _RESNET_WIDTHS = (64, 128, 256, 512)
 class _ActivationFactory:
     """Makes the activation modules of one network, one call per activation site.
 
-    ``"rnl"`` gives ``RateNorm(momentum, p_init)``; with ``shared_p`` the first layer creates the
-    raw p parameter and every later layer reuses it (one p for the whole network, paper appendix).
-    ``"relu"`` gives ``nn.ReLU()`` and ignores the Rate Norm arguments.
+    ``"rnl"`` gives ``RateNorm(momentum, p_init, levels=levels)``; with ``shared_p`` the first
+    layer creates the raw p parameter and every later layer reuses it (one p for the whole
+    network, paper appendix). ``"relu"`` gives ``nn.ReLU()`` and ignores the Rate Norm arguments
+    (``levels`` must be None). ``"qcfs"`` gives ``QCFS(levels)`` (L = 8 when ``levels`` is None),
+    each layer with its own clipping bound.
     """
 
-    def __init__(self, activation: str, shared_p: bool, momentum: float, p_init: float) -> None:
+    def __init__(
+        self, activation: str, shared_p: bool, momentum: float, p_init: float, levels: int | None = None
+    ) -> None:
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if activation == "relu" and levels is not None:
+            raise ValueError(f"levels quantizes Rate Norm or QCFS layers, not ReLU: got levels={levels!r}")
         self.activation = activation
         self.shared_p = shared_p
         self.momentum = momentum
         self.p_init = p_init
+        self.levels = levels
         self._shared_raw_p: nn.Parameter | None = None
 
     def __call__(self) -> nn.Module:
         if self.activation == "relu":
             return nn.ReLU()
-        layer = RateNorm(momentum=self.momentum, p_init=self.p_init, p=self._shared_raw_p)
+        if self.activation == "qcfs":
+            return QCFS(QCFS_LEVELS if self.levels is None else self.levels)
+        layer = RateNorm(momentum=self.momentum, p_init=self.p_init, p=self._shared_raw_p, levels=self.levels)
         if self.shared_p and self._shared_raw_p is None:
             self._shared_raw_p = layer.raw_p
         return layer
@@ -107,6 +118,7 @@ def cnn7(
     shared_p: bool = False,
     momentum: float = 0.1,
     p_init: float = 1.0,
+    levels: int | None = None,
 ) -> nn.Sequential:
     """The paper's 7-layered CNN for MNIST: 3 × [Conv3×3 32 → BN → act → AvgPool2] → Flatten → Linear.
 
@@ -117,7 +129,7 @@ def cnn7(
     """
     _check_common(in_channels, num_classes, input_size)
     side = _pooled_size(input_size, 3, ceil_mode=False)
-    make_activation = _ActivationFactory(activation, shared_p, momentum, p_init)
+    make_activation = _ActivationFactory(activation, shared_p, momentum, p_init, levels)
     layers: list[nn.Module] = []
     channels = in_channels
     for _ in range(3):
@@ -136,6 +148,7 @@ def alexnet_mnist(
     momentum: float = 0.1,
     p_init: float = 1.0,
     dropout: float = 0.0,
+    levels: int | None = None,
 ) -> nn.Sequential:
     """AlexNet-style net of the official RNL code for MNIST: five 3×3 convolutions and three
     fully connected layers.
@@ -149,7 +162,7 @@ def alexnet_mnist(
     """
     _check_common(in_channels, num_classes, input_size, dropout)
     side = _pooled_size(input_size, 3, ceil_mode=False)
-    make_activation = _ActivationFactory(activation, shared_p, momentum, p_init)
+    make_activation = _ActivationFactory(activation, shared_p, momentum, p_init, levels)
     return nn.Sequential(
         *_conv_bn_act(in_channels, 32, make_activation()),
         nn.AvgPool2d(2),
@@ -175,6 +188,7 @@ def vgg16(
     momentum: float = 0.1,
     p_init: float = 1.0,
     dropout: float = 0.0,
+    levels: int | None = None,
 ) -> nn.Sequential:
     """VGG-16 with average pooling: 13 × [Conv3×3 → BN → act] in five stages, each ending in an
     AvgPool2, then FC 512 → FC 512 → FC ``num_classes`` (16 weight layers, 15 Rate Norm Layers).
@@ -187,7 +201,7 @@ def vgg16(
     """
     _check_common(in_channels, num_classes, input_size, dropout)
     side = _pooled_size(input_size, len(_VGG16_STAGES), ceil_mode=True)
-    make_activation = _ActivationFactory(activation, shared_p, momentum, p_init)
+    make_activation = _ActivationFactory(activation, shared_p, momentum, p_init, levels)
     layers: list[nn.Module] = []
     channels = in_channels
     for stage in _VGG16_STAGES:
@@ -249,11 +263,12 @@ def _preact_resnet(
     shared_p: bool,
     momentum: float,
     p_init: float,
+    levels: int | None,
 ) -> nn.Sequential:
     """Stem Conv3×3 64 → PreAct blocks (stages of 64/128/256/512 channels, stride 2 at the start of
     each stage after the first) → BN → act → global AvgPool → Flatten → Linear."""
     _check_common(in_channels, num_classes, input_size)
-    make_activation = _ActivationFactory(activation, shared_p, momentum, p_init)
+    make_activation = _ActivationFactory(activation, shared_p, momentum, p_init, levels)
     layers: list[nn.Module] = [nn.Conv2d(in_channels, _RESNET_WIDTHS[0], 3, padding=1, bias=False)]
     channels = _RESNET_WIDTHS[0]
     for stage, (width, num_blocks) in enumerate(zip(_RESNET_WIDTHS, blocks_per_stage)):
@@ -279,6 +294,7 @@ def preact_resnet18(
     shared_p: bool = False,
     momentum: float = 0.1,
     p_init: float = 1.0,
+    levels: int | None = None,
 ) -> nn.Sequential:
     """PreActResNet-18: blocks (2, 2, 2, 2), 17 Rate Norm Layers.
 
@@ -286,7 +302,9 @@ def preact_resnet18(
     it work for any image size (``input_size`` is only checked: 32 → 4×4 and 28 → 4×4 before the
     pool).
     """
-    return _preact_resnet((2, 2, 2, 2), activation, in_channels, num_classes, input_size, shared_p, momentum, p_init)
+    return _preact_resnet(
+        (2, 2, 2, 2), activation, in_channels, num_classes, input_size, shared_p, momentum, p_init, levels
+    )
 
 
 def preact_resnet34(
@@ -297,13 +315,16 @@ def preact_resnet34(
     shared_p: bool = False,
     momentum: float = 0.1,
     p_init: float = 1.0,
+    levels: int | None = None,
 ) -> nn.Sequential:
     """PreActResNet-34: blocks (3, 4, 6, 3), 33 Rate Norm Layers.
 
     Input ``[B, in_channels, H, W]`` → logits ``[B, num_classes]``, any image size (see
     :func:`preact_resnet18`).
     """
-    return _preact_resnet((3, 4, 6, 3), activation, in_channels, num_classes, input_size, shared_p, momentum, p_init)
+    return _preact_resnet(
+        (3, 4, 6, 3), activation, in_channels, num_classes, input_size, shared_p, momentum, p_init, levels
+    )
 
 
 #: Model builders by name, for :func:`build_model` and the command line.

@@ -2,9 +2,11 @@
 
 What ``rnl-fast evaluate``, ``compare`` and ``demo`` do, callable from Python: :func:`prepare_data`
 (the loaders of one experiment), :func:`train_paper_networks` (the ReLU and Rate Norm networks
-and stage 2), :func:`evaluate_method` (convert one network, simulate it, measure it),
-:func:`compare` (several methods side by side, the paper's Table 2, with the latency variants of
-:func:`latency_variants` beside them) and :func:`write_report` (results.json and the figures).
+and stage 2), :func:`train_latency_networks` (the QCFS network, and the Rate Norm network with
+quantized rates and its stage 2), :func:`evaluate_method` (convert one network, simulate it,
+measure it), :func:`compare` (several methods side by side, the paper's Table 2, with the
+latency methods and variants of :func:`latency_variants` beside them) and :func:`write_report`
+(results.json and the figures).
 """
 
 from __future__ import annotations
@@ -18,15 +20,24 @@ from torch import nn
 
 from . import data, models, report, train
 from .conversion import MethodVariant, convert
+from .nn import QCFS, QCFS_LEVELS, RateNorm
 from .simulation import mean_omega, simulate
 
 #: Validation images held out of the training set (stage 2 selects its checkpoint on them).
 VAL_FRACTION = 1 / 12
 #: Calibration batches the threshold-balancing methods read.
 CALIBRATION_BATCHES = 10
-#: Which trained network each method converts: the ReLU network, or the Rate Norm network
-#: before ("rnl") or after ("rnl_ril") stage 2.
-SOURCE_OF_METHOD = {"maxnorm": "relu", "robustnorm": "relu", "rnl": "rnl", "rnl_ril": "rnl_ril"}
+#: Which trained network each method converts: the ReLU network, the Rate Norm network before
+#: ("rnl") or after ("rnl_ril") stage 2, the QCFS network, or the Rate Norm network trained with
+#: quantized rates after its stage 2 ("rnl_qcfs"; "rnl_q" is its stage 1, converted by no method).
+SOURCE_OF_METHOD = {
+    "maxnorm": "relu",
+    "robustnorm": "relu",
+    "rnl": "rnl",
+    "rnl_ril": "rnl_ril",
+    "qcfs": "qcfs",
+    "rnl_qcfs": "rnl_qcfs",
+}
 #: The methods whose thresholds come from calibration data, and so can be made channel-wise from
 #: a network as it is trained (the Rate Norm methods need RateNorm layers trained per channel).
 CALIBRATED_METHODS = ("maxnorm", "robustnorm")
@@ -116,6 +127,8 @@ class TrainingPlan:
     readout_lr_scale: float = train.READOUT_LR_SCALE
     #: Initial weights (the ReLU and the Rate Norm network start from the same ones) and shuffling.
     seed: int = 0
+    #: Quantization levels L of the QCFS network and of the quantized Rate Norm network.
+    levels: int = QCFS_LEVELS
 
 
 def train_paper_networks(
@@ -167,6 +180,68 @@ def train_paper_networks(
     return nets
 
 
+def train_latency_networks(
+    experiment: ExperimentData,
+    plan: TrainingPlan,
+    out: Path,
+    device: torch.device | str = "cpu",
+    log: Log = _silent,
+) -> dict[str, nn.Module]:
+    """Train the networks of the two quantized methods, from the same initial weights as
+    :func:`train_paper_networks`: ``plan.model_name`` with QCFS layers (``plan.levels`` levels,
+    trainable clipping bounds, one stage with the weights: Bu et al. 2022), and with Rate Norm
+    Layers whose rates are quantized to ``plan.levels`` levels (stage 1), then that network's
+    thresholds with the Rate Inference Loss (stage 2, as the paper's). Checkpoints go to
+    ``out/{qcfs,rnl_q,rnl_qcfs}.pt``. Returns ``{"qcfs": ..., "rnl_qcfs": ...}`` (see
+    :data:`SOURCE_OF_METHOD`)."""
+    common = dict(device=device, seed=plan.seed, generator=experiment.generator, progress=True)
+    nets: dict[str, nn.Module] = {}
+    for source, activation in (("qcfs", "qcfs"), ("rnl_q", "rnl")):
+        what = "QCFS layers" if activation == "qcfs" else "Rate Norm Layers with quantized rates"
+        log(f"\n[stage 1] training {plan.model_name} with {what} (L = {plan.levels})")
+        kwargs = {**model_kwargs(activation, experiment.test_set), "levels": plan.levels}
+        nets[source] = models.build_model(plan.model_name, seed=plan.seed, **kwargs)
+        train.train_stage1(
+            nets[source],
+            experiment.train,
+            epochs=plan.epochs,
+            val_loader=experiment.val,
+            readout_lr_scale=plan.readout_lr_scale,
+            checkpoint_path=out / f"{source}.pt",
+            model_name=plan.model_name,
+            model_kwargs=kwargs,
+            **common,
+        )
+    log(f"\n[stage 2] training the quantized network's thresholds with the Rate Inference Loss (λ = {plan.lam})")
+    nets["rnl_qcfs"] = train.model_from_checkpoint(out / "rnl_q.pt", device)
+    train.train_stage2(
+        nets["rnl_qcfs"],
+        experiment.train,
+        experiment.val,
+        epochs=plan.stage2_epochs,
+        lam=plan.lam,
+        tolerance=plan.tolerance,
+        shared_p=plan.shared_p,
+        checks_per_epoch=plan.checks_per_epoch,
+        checkpoint_path=out / "rnl_qcfs.pt",
+        model_name=plan.model_name,
+        model_kwargs={
+            **model_kwargs("rnl", experiment.test_set),
+            "levels": plan.levels,
+            "shared_p": plan.shared_p,
+        },
+        **common,
+    )
+    return {"qcfs": nets["qcfs"], "rnl_qcfs": nets["rnl_qcfs"]}
+
+
+def activation_levels(model: nn.Module) -> int | None:
+    """The quantization levels L of ``model``'s QCFS or quantized Rate Norm layers (the largest
+    if they differ); None when no activation is quantized."""
+    levels = [m.levels for m in model.modules() if isinstance(m, (QCFS, RateNorm)) and m.levels is not None]
+    return max(levels) if levels else None
+
+
 def evaluate_method(
     model: nn.Module,
     method: str | MethodVariant,
@@ -179,7 +254,7 @@ def evaluate_method(
     """Convert ``model`` by ``method`` (a name, or a :class:`~rnl_fast.conversion.MethodVariant`
     with its ``v_init`` and ``channel_wise``), simulate it for T steps on ``test_loader``, and
     measure the ANN's accuracy and Ω beside the SNN's accuracy, spikes and K curves per step. The
-    result records the method and its settings."""
+    result records the method and its settings (and the network's quantization levels)."""
     variant = method if isinstance(method, MethodVariant) else MethodVariant(method)
     snn = convert(
         model,
@@ -199,20 +274,21 @@ def evaluate_method(
         method=variant.method,
         v_init=variant.v_init,
         channel_wise=variant.channel_wise,
+        levels=activation_levels(model),
     )
 
 
 def latency_variants(
     methods: Iterable[str], v_init: float | str = "half", channel_wise: bool = True
 ) -> list[MethodVariant]:
-    """The latency variants run beside the paper's methods: each calibrated method of ``methods``
-    (MaxNorm, RobustNorm) with ``v_init`` and ``channel_wise``, and RNL+RIL with ``v_init``
-    (channel-wise Rate Norm needs a network trained for it). Variants that would only repeat the
-    paper's settings are left out."""
+    """The latency variants run beside the methods as they are: each calibrated method of
+    ``methods`` (MaxNorm, RobustNorm) with ``v_init`` and ``channel_wise``, and RNL+RIL with
+    ``v_init`` (channel-wise Rate Norm needs a network trained for it). Variants that would only
+    repeat a method's default settings are left out."""
     variants = [MethodVariant(m, v_init, channel_wise) for m in CALIBRATED_METHODS if m in methods]
     if "rnl_ril" in methods:
         variants.append(MethodVariant("rnl_ril", v_init))
-    return [v for v in variants if not v.is_paper_setting]
+    return [v for v in variants if not v.uses_defaults]
 
 
 def compare(
@@ -236,8 +312,9 @@ def compare(
 def sources_with_variants(
     nets: Mapping[str, nn.Module], v_init: float | str = "half", channel_wise: bool = True
 ) -> dict[MethodVariant, nn.Module]:
-    """What ``compare`` and the demo run: each paper method whose network (by source name,
-    :data:`SOURCE_OF_METHOD`) is in ``nets``, then the :func:`latency_variants` of them."""
+    """What ``compare`` and the demo run: each method whose network (by source name,
+    :data:`SOURCE_OF_METHOD`) is in ``nets`` (the paper's four, then QCFS and RNL-QCFS with their
+    own defaults, from θ/2), then the :func:`latency_variants` of the paper's."""
     methods = [method for method, source in SOURCE_OF_METHOD.items() if source in nets]
     sources = {MethodVariant(method): nets[SOURCE_OF_METHOD[method]] for method in methods}
     for variant in latency_variants(methods, v_init, channel_wise):

@@ -76,7 +76,7 @@ def test_errors_are_one_line_with_exit_status_2(capsys, tmp_path, monkeypatch, a
 @pytest.mark.parametrize(
     "argv, v_init, channel_wise",
     [
-        (["evaluate", "--checkpoint", "c.pt", "--method", "maxnorm"], 0.0, False),
+        (["evaluate", "--checkpoint", "c.pt", "--method", "maxnorm"], None, False),  # the method's default
         (["evaluate", "--checkpoint", "c.pt", "--method", "maxnorm", "--v-init", "half", "--channel-wise"], 0.5, True),
         (["evaluate", "--checkpoint", "c.pt", "--method", "rnl", "--v-init", "0.25"], 0.25, False),
         (["compare", "--relu", "r.pt"], 0.5, True),  # the latency variants' defaults
@@ -141,15 +141,20 @@ def test_demo_tiny(capsys, tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["dataset"] == "mnist" and results["model"] == "cnn7"
     # The paper's four methods as the paper converts them, and the latency variants beside them.
-    settings = {name: (m["method"], m["v_init"], m["channel_wise"]) for name, m in results["methods"].items()}
+    # Then QCFS and RNL-QCFS (trained with L = 8 levels, from θ/2 by default).
+    settings = {
+        name: (m["method"], m["v_init"], m["channel_wise"], m["levels"]) for name, m in results["methods"].items()
+    }
     assert settings == {
-        "maxnorm": ("maxnorm", 0.0, False),
-        "robustnorm": ("robustnorm", 0.0, False),
-        "rnl": ("rnl", 0.0, False),
-        "rnl_ril": ("rnl_ril", 0.0, False),
-        "maxnorm+cw+half": ("maxnorm", 0.5, True),
-        "robustnorm+cw+half": ("robustnorm", 0.5, True),
-        "rnl_ril+half": ("rnl_ril", 0.5, False),
+        "maxnorm": ("maxnorm", 0.0, False, None),
+        "robustnorm": ("robustnorm", 0.0, False, None),
+        "rnl": ("rnl", 0.0, False, None),
+        "rnl_ril": ("rnl_ril", 0.0, False, None),
+        "qcfs": ("qcfs", 0.5, False, 8),
+        "rnl_qcfs": ("rnl_qcfs", 0.5, False, 8),
+        "maxnorm+cw+half": ("maxnorm", 0.5, True, None),
+        "robustnorm+cw+half": ("robustnorm", 0.5, True, None),
+        "rnl_ril+half": ("rnl_ril", 0.5, False, None),
     }
     assert "robustnorm+cw+half" in out  # a row of the table (the tiny ANNs are too weak to be ranked)
     for name, method in results["methods"].items():

@@ -37,7 +37,7 @@ def _tiny_relu() -> nn.Module:
 
 @pytest.mark.parametrize(
     "v_init",
-    [1.0, 1, -0.1, -1e-12, 1.5, float("nan"), float("inf"), True, False, "quarter", "0.5", None, [0.5]],
+    [1.0, 1, -0.1, -1e-12, 1.5, float("nan"), float("inf"), True, False, "quarter", "0.5", [0.5]],
     ids=repr,
 )
 def test_bad_v_init_is_a_one_line_error_naming_it(v_init):
@@ -82,7 +82,7 @@ def test_channel_wise_rate_norm_needs_a_channel_wise_network():
 
 
 def test_method_variant_labels():
-    assert MethodVariant("maxnorm").label == "maxnorm" and MethodVariant("maxnorm").is_paper_setting
+    assert MethodVariant("maxnorm").label == "maxnorm" and MethodVariant("maxnorm").uses_defaults
     assert MethodVariant("robustnorm", "half", True).label == "robustnorm+cw+half"
     assert MethodVariant("rnl_ril", 0.25).label == "rnl_ril+v0.25"
     assert MethodVariant("maxnorm", 0, True).label == "maxnorm+cw"

@@ -111,7 +111,7 @@ def test_latency_variants_leave_the_paper_verdict_alone_and_the_fastest_is_named
     lines, paper_lines = report.verdict(with_variants), report.verdict(paper)
     fastest = [line for line in lines if line.startswith("Fastest of all")]
     assert fastest == [
-        "Fastest of all, latency variants included: robustnorm+cw+half, "
+        "Fastest of all, the later methods (QCFS) and latency variants included: robustnorm+cw+half, "
         f"{with_variants['robustnorm+cw+half'].steps_to_target} steps to its ANN accuracy − 1 point "
         f"({with_variants['robustnorm+cw+half'].energy_to_target:,.0f} spikes per image); the paper's fastest, "
         f"rnl_ril: {paper['rnl_ril'].steps_to_target} steps."

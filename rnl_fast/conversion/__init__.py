@@ -5,13 +5,14 @@
 - :mod:`.recipe`: what a method is (:class:`Recipe`); :mod:`.registry`: the methods by name;
 - :mod:`.options`: what every method takes besides its recipe (``v_init``, ``channel_wise``) and
   :class:`MethodVariant`, a method with its options under one label;
-- one module per method family: :mod:`.rate_norm` (RNL, RNL+RIL), :mod:`.threshold_balancing`
-  (MaxNorm, RobustNorm).
+- one module per method family: :mod:`.rate_norm` (RNL, RNL+RIL, RNL with quantized rates),
+  :mod:`.threshold_balancing` (MaxNorm, RobustNorm), :mod:`.qcfs` (QCFS).
 """
 
 from .converter import convert
 from .graph import check_convertible, fold_all_batchnorms, fold_batchnorm, trace
 from .options import MethodVariant, check_channel_wise, initial_fraction
+from .qcfs import QCFSRecipe
 from .rate_norm import RateNormRecipe
 from .recipe import ConversionError, NeuronLayerSpec, Recipe
 from .registry import METHODS, RECIPES, recipe_for
@@ -32,6 +33,7 @@ __all__ = [
     "LayerScale",
     "MethodVariant",
     "NeuronLayerSpec",
+    "QCFSRecipe",
     "RateNormRecipe",
     "Recipe",
     "ThresholdBalancing",

@@ -21,7 +21,7 @@ def convert(
     device: torch.device | str = "cpu",
     calibration_batches: int | None = None,
     spike_dtype: torch.dtype | None = None,
-    v_init: float | str = 0.0,
+    v_init: float | str | None = None,
     channel_wise: bool = False,
 ) -> SpikingNetwork:
     """Convert a trained ANN to a :class:`~rnl_fast.simulation.SpikingNetwork`.
@@ -34,7 +34,11 @@ def convert(
     - ``"rnl"`` / ``"rnl_ril"``: a Rate Norm Layer's threshold θ = p·running_max, weights as
       they are (Theorem 1);
     - ``"maxnorm"`` / ``"robustnorm"`` (Rueckauer et al. 2017), for the same architecture with
-      ReLU: thresholds balanced on calibration data.
+      ReLU: thresholds balanced on calibration data;
+    - ``"qcfs"`` (Bu et al., ICLR 2022), for the architecture with :class:`~rnl_fast.QCFS`
+      layers: threshold = the trained clipping bound λ, spikes weighted by λ, membrane from θ/2;
+    - ``"rnl_qcfs"``: a Rate Norm network trained with quantized rates (``RateNorm(levels=L)``)
+      and the Rate Inference Loss, converted as ``"rnl"`` but from θ/2.
 
     Two options serve every method (:mod:`rnl_fast.conversion.options`): ``v_init``, the
     membrane each neuron layer starts at after a reset, as a fraction of its threshold
@@ -42,8 +46,8 @@ def convert(
     threshold per output channel (dim 1 of the activation) instead of one per layer.
 
     Args:
-        model: the ANN (RateNorm activations for "rnl"/"rnl_ril", nn.ReLU for the baselines);
-            it is not modified.
+        model: the ANN (RateNorm activations for "rnl"/"rnl_ril"/"rnl_qcfs", nn.ReLU for the
+            baselines, QCFS for "qcfs"); it is not modified.
         method: one of :data:`~rnl_fast.conversion.METHODS`.
         calibration: batches ``(x, y)`` for the baselines' λ (ignored by the RNL methods).
         device: where calibration batches go.
@@ -51,7 +55,8 @@ def convert(
         spike_dtype: dtype of the spikes between layers inside the simulator (None: float32).
         v_init: initial membrane as a fraction of the threshold, a float in [0, 1) or ``"half"``
             (0.5); every layer starts at ``v_init·θ`` (per channel when θ is) at the start of
-            each simulation. 0 is the paper's start.
+            each simulation. None: the method's default, 0 (the paper's start) for the paper's
+            four methods, ``"half"`` for ``"qcfs"`` and ``"rnl_qcfs"``.
         channel_wise: MaxNorm/RobustNorm: λ per output channel (max or 99.9th percentile of that
             channel's activations), folded per input channel into the next conv/linear (or
             carried on the spikes where it cannot be folded). The Rate Norm methods need a
@@ -64,9 +69,9 @@ def convert(
             ``v_init`` or ``channel_wise``, or ``channel_wise`` where a layer has no channels
             or the Rate Norm network has one threshold per layer; the message names the argument.
     """
-    fraction = initial_fraction(v_init)
-    check_channel_wise(channel_wise)
     recipe = recipe_for(method)
+    fraction = initial_fraction(recipe.default_v_init if v_init is None else v_init)
+    check_channel_wise(channel_wise)
     ann = copy.deepcopy(model).eval()
     gm = trace(ann)
     check_convertible(gm, recipe.activation, methods_by_activation())

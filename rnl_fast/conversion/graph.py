@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import fx, nn
 
-from ..nn import RateNorm
+from ..nn import QCFS, RateNorm
 from .recipe import ConversionError
 
 #: Modules that are linear in their input (or reshape it): they run on spike tensors as they are.
@@ -27,11 +27,11 @@ LINEAR_METHODS = {"view", "reshape", "flatten", "size", "add", "contiguous"}
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
-    """``model`` as a ``torch.fx`` graph whose Rate Norm Layers stay single (leaf) nodes."""
+    """``model`` as a ``torch.fx`` graph whose Rate Norm and QCFS layers stay single (leaf) nodes."""
 
     class _Tracer(fx.Tracer):
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return isinstance(m, RateNorm) or super().is_leaf_module(m, qualname)
+            return isinstance(m, (RateNorm, QCFS)) or super().is_leaf_module(m, qualname)
 
     tracer = _Tracer()
     try:
@@ -73,7 +73,7 @@ def check_convertible(
                 kind = "a functional ReLU" if "relu" in name else f"the function {name}"
                 raise ConversionError(
                     f"{kind} at node '{node.name}' cannot be converted: use module activations "
-                    "(nn.ReLU / RateNorm) and linear operations only"
+                    "(nn.ReLU / RateNorm / QCFS) and linear operations only"
                 )
         elif node.op == "call_method" and node.target not in LINEAR_METHODS:
             raise ConversionError(f"the tensor method .{node.target}() at node '{node.name}' cannot be converted")

@@ -51,18 +51,23 @@ def check_channel_wise(channel_wise: object) -> bool:
 class MethodVariant:
     """A conversion method with its options, as :func:`rnl_fast.convert` takes them.
 
-    ``label`` names it in tables, figures and results.json: the method's name for the paper's
-    settings (``"maxnorm"``), then ``+cw`` for channel-wise thresholds and ``+half`` (or
-    ``+v0.25``) for the initial membrane: ``"robustnorm+cw+half"``.
+    ``label`` names it in tables, figures and results.json: the method's name for its default
+    settings (``"maxnorm"``: per layer, membrane from 0; ``"qcfs"``: from θ/2), then ``+cw`` for
+    channel-wise thresholds and ``+half`` (or ``+v0.25``, ``+v0``) for an initial membrane other
+    than the method's default: ``"robustnorm+cw+half"``.
     """
 
     method: str
-    #: Fraction of θ the membrane starts at ("half" is normalised to 0.5).
-    v_init: float = 0.0
+    #: Fraction of θ the membrane starts at ("half" is normalised to 0.5; None: the method's default).
+    v_init: float | str | None = None
     channel_wise: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "v_init", initial_fraction(self.v_init))
+        from .registry import default_v_init  # the registry imports this module
+
+        default = initial_fraction(default_v_init(self.method))  # also rejects an unknown method
+        object.__setattr__(self, "v_init", default if self.v_init is None else initial_fraction(self.v_init))
+        object.__setattr__(self, "_default_v_init", default)
         check_channel_wise(self.channel_wise)
 
     @property
@@ -70,13 +75,12 @@ class MethodVariant:
         label = self.method
         if self.channel_wise:
             label += "+cw"
-        if self.v_init == _HALF_FRACTION:
-            label += "+" + HALF
-        elif self.v_init != 0.0:
-            label += f"+v{self.v_init:g}"
+        if self.v_init != self._default_v_init:
+            label += "+" + HALF if self.v_init == _HALF_FRACTION else f"+v{self.v_init:g}"
         return label
 
     @property
-    def is_paper_setting(self) -> bool:
-        """Whether this is the method as the paper converts it: no channel-wise thresholds, membrane from 0."""
-        return self.v_init == 0.0 and not self.channel_wise
+    def uses_defaults(self) -> bool:
+        """Whether this is the method with its default settings: per layer, its default membrane
+        (0 for the paper's methods, the way the paper converts)."""
+        return self.v_init == self._default_v_init and not self.channel_wise

@@ -1,7 +1,10 @@
 """Rate Norm conversion (paper §2.2, Theorem 1): each Rate Norm Layer becomes IF neurons with
 threshold θ = p·running_max, and the weights stay as they are, since the next layer already sees
 rates in [0, 1]. ``"rnl"`` and ``"rnl_ril"`` are the same recipe; they differ only in the network
-they are given (before or after stage 2, the Rate Inference Loss).
+they are given (before or after stage 2, the Rate Inference Loss). ``"rnl_qcfs"`` is the recipe
+again for a Rate Norm network trained with quantized rates (``RateNorm(levels=L)``, QCFS's
+quantization inside the Rate Norm Layer) and tuned by the Rate Inference Loss; it starts the
+membrane at θ/2, as QCFS does, unless told otherwise.
 
 A Rate Norm Layer with one threshold per channel (a tensor ``threshold`` of at least one dim,
 ``[C]`` or any shape that flattens to it) gives per-channel neurons ``θ_c`` as it is, whatever
@@ -24,8 +27,9 @@ class RateNormRecipe(Recipe):
     activation = RateNorm
     needs_calibration = False
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, default_v_init: float | str = 0.0) -> None:
         self.name = name
+        self.default_v_init = default_v_init
 
     def neuron_layer(
         self, gm: fx.GraphModule, node: fx.Node, statistics: dict[str, Any], channel_wise: bool = False

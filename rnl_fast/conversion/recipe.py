@@ -57,6 +57,9 @@ class Recipe:
     activation: type[nn.Module]
     #: Whether :meth:`calibrate` needs batches ``(x, y)`` of data.
     needs_calibration: bool = False
+    #: The initial membrane :func:`rnl_fast.convert` uses when given none (``v_init=None``): a
+    #: fraction of θ, or ``"half"``. 0 for the paper's methods; θ/2 for those trained for it (QCFS).
+    default_v_init: float | str = 0.0
 
     def calibrate(
         self,

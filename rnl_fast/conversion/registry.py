@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from .options import HALF
+from .qcfs import QCFSRecipe
 from .rate_norm import RateNormRecipe
 from .recipe import Recipe
 from .threshold_balancing import ThresholdBalancing
@@ -16,6 +18,8 @@ RECIPES: dict[str, Recipe] = {
         ThresholdBalancing("robustnorm"),
         RateNormRecipe("rnl"),
         RateNormRecipe("rnl_ril"),
+        QCFSRecipe(),
+        RateNormRecipe("rnl_qcfs", default_v_init=HALF),
     )
 }
 #: Their names, in the order tables show them.
@@ -27,6 +31,11 @@ def recipe_for(method: str) -> Recipe:
     if method not in RECIPES:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     return RECIPES[method]
+
+
+def default_v_init(method: str) -> float | str:
+    """The initial membrane ``method`` uses unless told otherwise (:attr:`Recipe.default_v_init`)."""
+    return recipe_for(method).default_v_init
 
 
 def methods_by_activation() -> dict[type[nn.Module], list[str]]:

@@ -6,11 +6,12 @@
 """
 
 from .figures import log_binned, plot_accuracy, plot_k_curves, plot_power
-from .results import TARGET_MARGIN, MethodResult, write_results
+from .results import PAPER_METHODS, TARGET_MARGIN, MethodResult, write_results
 from .table import TABLE_STEPS, paper_table, unfit_anns, verdict
 
 __all__ = [
     "TABLE_STEPS",
+    "PAPER_METHODS",
     "TARGET_MARGIN",
     "MethodResult",
     "log_binned",

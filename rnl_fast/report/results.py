@@ -12,14 +12,18 @@
                         "energy_to_target": spikes per image until then (joules at α = 1 J per
                                             spike, paper Eq. 14) or null,
                         "target_accuracy": ANN accuracy − 1 point,
-                        "method": the conversion method (maxnorm, robustnorm, rnl, rnl_ril),
+                        "method": the conversion method (maxnorm, robustnorm, rnl, rnl_ril, qcfs,
+                                  rnl_qcfs),
                         "v_init": initial membrane as a fraction of the threshold (0: the paper's),
-                        "channel_wise": thresholds per channel (false: per layer, the paper's)}},
+                        "channel_wise": thresholds per channel (false: per layer, the paper's),
+                        "levels": quantization levels L of the network's activations (QCFS,
+                                  Rate Norm with levels) or null}},
      "verdict": [the sentences the demo prints after its table]}
 
-for NAME in maxnorm, robustnorm, rnl, rnl_ril (the paper's settings) and the latency variants,
-named by their label: the method, ``+cw`` when channel-wise, ``+half`` (or ``+v0.25``) for the
-initial membrane, e.g. ``robustnorm+cw+half``.
+for NAME in maxnorm, robustnorm, rnl, rnl_ril (the paper's settings) and the latency methods and
+variants, named by their label: the method, ``+cw`` when channel-wise, ``+half`` (or ``+v0.25``)
+for an initial membrane other than the method's default, e.g. ``robustnorm+cw+half``, ``qcfs``
+(which starts from θ/2 by default).
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from ..simulation import SimulationResult
 
 #: A method "has converged" when it reaches its ANN accuracy minus this many points.
 TARGET_MARGIN = 1.0
+#: The methods of the paper's Table 2 (Ding et al. 2021); QCFS (2022) and the rest came later.
+PAPER_METHODS = ("maxnorm", "robustnorm", "rnl", "rnl_ril")
 
 
 @dataclass
@@ -56,6 +62,8 @@ class MethodResult:
     v_init: float = 0.0
     #: Thresholds per channel (False: one per layer, the paper's).
     channel_wise: bool = False
+    #: Quantization levels L of the ANN's activations (QCFS, quantized Rate Norm); None: not quantized.
+    levels: int | None = None
 
     @classmethod
     def from_simulation(
@@ -66,6 +74,7 @@ class MethodResult:
         method: str = "",
         v_init: float = 0.0,
         channel_wise: bool = False,
+        levels: int | None = None,
     ) -> MethodResult:
         target = ann_accuracy - TARGET_MARGIN
         reached = energy_to_accuracy(sim.accuracy, sim.spikes_per_step, target)
@@ -83,12 +92,15 @@ class MethodResult:
             method=method,
             v_init=v_init,
             channel_wise=channel_wise,
+            levels=levels,
         )
 
     @property
     def is_variant(self) -> bool:
-        """Whether the method ran with settings the paper does not use (a latency variant)."""
-        return self.v_init != 0.0 or self.channel_wise
+        """Whether this is not one of the paper's methods as the paper runs it: a method the paper
+        does not have (QCFS, ...), or one of its methods with other settings (a latency variant).
+        A result that records no method is taken for one of the paper's."""
+        return (self.method not in ("", *PAPER_METHODS)) or self.v_init != 0.0 or self.channel_wise
 
     @property
     def conversion_loss(self) -> float:
