@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # The runs behind docs/reproduction.md. Each block trains the ReLU baseline and the Rate Norm
-# network (stage 1), tunes the thresholds with the Rate Inference Loss (stage 2), then converts
-# all four ways and simulates them side by side (`rnl-fast compare`: Table 2, results.json,
-# figures). Sizes are what two CPU cores finish in minutes; on a GPU add --device cuda and
-# drop the --train-images / --test-images limits.
+# network (stage 1), tunes the thresholds with the Rate Inference Loss (stage 2), trains the
+# QCFS network and the Rate Norm network with quantized rates (L = $LEVELS levels, default 8)
+# and tunes the latter's thresholds too, then converts every way and simulates them side by side
+# (`rnl-fast compare`: the paper's four methods, qcfs, rnl_qcfs and the latency variants; Table 2,
+# results.json, figures). Sizes are what two CPU cores finish in minutes; on a GPU add
+# --device cuda and drop the --train-images / --test-images limits. Each training resumes from
+# its checkpoint when there is one (a finished one is not trained again), so a rerun only redoes
+# what is missing.
 #
-#   [OUT=runs] [DEVICE=cuda] bash docs/reproduce.sh RUN [CIFAR_DIR]
+#   [OUT=runs] [DEVICE=cuda] [LEVELS=8] bash docs/reproduce.sh RUN [CIFAR_DIR]
 #   RUN: mnist_cnn7 | mnist_alexnet | fashion_cnn7 | fashion_alexnet | fashion_vgg16 | cifar10_vgg16
 #   (results go to $OUT/RUN; cifar10_vgg16 takes the directory holding cifar-10-batches-py)
 #
@@ -17,13 +21,19 @@ out="${OUT:-runs}/$run"
 mkdir -p "$out"
 
 pipeline() {  # model dataset epochs stage2_epochs T [data args...]; DEVICE=cuda for a GPU
-  local model=$1 dataset=$2 epochs=$3 epochs2=$4 T=$5
+  local model=$1 dataset=$2 epochs=$3 epochs2=$4 T=$5 levels=${LEVELS:-8}
   shift 5
   set -- "$@" --device "${DEVICE:-cpu}"
-  rnl-fast train --stage 1 --model "$model" --dataset "$dataset" --activation relu --epochs "$epochs" --out "$out/relu.pt" "$@"
-  rnl-fast train --stage 1 --model "$model" --dataset "$dataset" --activation rnl --epochs "$epochs" --out "$out/rnl.pt" "$@"
-  rnl-fast train --stage 2 --from "$out/rnl.pt" --dataset "$dataset" --epochs "$epochs2" --tolerance 1 --out "$out/rnl_ril.pt" "$@"
-  rnl-fast compare --relu "$out/relu.pt" --rnl "$out/rnl.pt" --rnl-ril "$out/rnl_ril.pt" --dataset "$dataset" -T "$T" --out "$out" "$@"
+  local stage1=(rnl-fast train --stage 1 --resume --model "$model" --dataset "$dataset" --epochs "$epochs")
+  local stage2=(rnl-fast train --stage 2 --resume --dataset "$dataset" --epochs "$epochs2" --tolerance 1)
+  "${stage1[@]}" --activation relu --out "$out/relu.pt" "$@"
+  "${stage1[@]}" --activation rnl --out "$out/rnl.pt" "$@"
+  "${stage2[@]}" --from "$out/rnl.pt" --out "$out/rnl_ril.pt" "$@"
+  "${stage1[@]}" --activation qcfs --levels "$levels" --out "$out/qcfs.pt" "$@"
+  "${stage1[@]}" --activation rnl --levels "$levels" --out "$out/rnl_q.pt" "$@"
+  "${stage2[@]}" --from "$out/rnl_q.pt" --out "$out/rnl_qcfs.pt" "$@"
+  rnl-fast compare --relu "$out/relu.pt" --rnl "$out/rnl.pt" --rnl-ril "$out/rnl_ril.pt" --qcfs "$out/qcfs.pt" \
+    --rnl-qcfs "$out/rnl_qcfs.pt" --dataset "$dataset" -T "$T" --out "$out" "$@"
 }
 
 case "$run" in

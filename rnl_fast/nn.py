@@ -276,8 +276,14 @@ class RateNorm(nn.Module):
 
 #: QCFS's quantization levels L when none is given (Bu et al. 2022 train with L = 4…16).
 QCFS_LEVELS = 8
-#: The clipping bound λ a QCFS layer starts from (QCFS's paper initialises it to 8).
-QCFS_THRESHOLD_INIT = 8.0
+#: The clipping bound λ a QCFS layer starts from. QCFS's code starts at 4 or 8 and trains for
+#: hundreds of epochs; here each QCFS layer follows a BatchNorm, so its input starts near unit
+#: scale, and λ rises quickly when too low (its gradient above the window is 1) but hardly falls
+#: when too high (inside the window it is the quantization error, about 0 on average). Measured
+#: on MNIST cnn7 after 1 epoch (1000 test images): from 8, λ ≈ 7.9 and the SNN is never within
+#: 1 point of its ANN in 32 steps; from 4, the same; from 2, 5 steps; from 1 (λ → 1.1, 1.2, 2.7),
+#: 4 steps.
+QCFS_THRESHOLD_INIT = 1.0
 
 
 class QCFS(nn.Module):
