@@ -61,7 +61,7 @@ def bench(benchmark: Any) -> Callable[[str, str, str], None]:
             return (stats.stats.median if stats is not None else None), rounds
 
         benchmark.group = f"{group} [{device}]"
-        if benchlib.GROUPS_BY_NAME[group].op == "e2e":
+        if benchlib.GROUPS_BY_NAME[group].op in ("e2e", "tta"):  # time to accuracy is end to end too
             _before_e2e(device)
         try:
             case = CASES.build(group, impl, device)

@@ -9,7 +9,8 @@ IF at T = 32 and 16M neurons, Rate Norm at [128, 32, 28, 28] (plain, channel-wis
 both), ours beside x.clone(), the eager reference, SpikingJelly 2.0's Triton backend and
 torch.compile of the reference; then end to end (cnn7 and vgg16 converted and simulated at batch
 128, T = 16, 64, 256, beside one ANN forward and SpikingJelly's ann2snn conversion stepped T
-times; the chunked long run at T = 1024) and one profiled call of ours (cnn7, T = 64). The compile
+times; the chunked long run at T = 1024) and one profiled call of ours (cnn7, T = 64); the
+time-to-accuracy group is CPU only (skipped on CUDA, run by ``--cpu-dry-run``). The compile
 cases come last and no baseline starts after ``--budget-s`` seconds, so the script fits its time
 slot; on SIGTERM (``timeout``) it stops and still prints the table of what it measured.
 
@@ -72,7 +73,7 @@ def run_cases(
             results.add(benchlib.skipped(group, impl, device, "time budget spent"))
             print(f"  skip {label}: time budget spent", flush=True)
             continue
-        if group.op == "e2e" and device == "cpu":
+        if group.op in ("e2e", "tta") and device == "cpu":
             # What conftest.py does before its end-to-end cases (see _before_e2e there). Process-wide
             # and for good: the compile cases, last, run under it, as when the simulator applied it.
             reuse_freed_memory()

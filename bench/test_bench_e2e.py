@@ -9,6 +9,11 @@ batch 8 and the T = 256 groups are skipped (``RNL_FAST_BENCH_E2E_CPU_ALL=1`` run
 everything runs at the sizes above. Then the chunked long run (cnn7, batch 16, T = 1024 beside
 T = 64: peak memory and time per step) and one profiled call of ours (cnn7, T = 64). See
 benchlib/e2e.py.
+
+Time to accuracy (``tta-cnn7-mnist``, CPU): a ReLU cnn7 trained for one epoch on MNIST (cached),
+converted by our best recipe (robustnorm, channel-wise, v_init=half), by our maxnorm with the same
+options and by SpikingJelly's best (99.9%, channel-wise, half threshold); each runs exactly its steps
+to ANN − 1 over 1000 test images. See benchlib/tta.py.
 """
 
 from __future__ import annotations
@@ -23,6 +28,11 @@ from benchlib import E2E_PROFILE_GROUP, case_params
 
 @pytest.mark.parametrize("device, group, impl", case_params("e2e"))
 def test_e2e(bench: Callable[[str, str, str], None], device: str, group: str, impl: str) -> None:
+    bench(device, group, impl)
+
+
+@pytest.mark.parametrize("device, group, impl", case_params("tta"))
+def test_time_to_accuracy(bench: Callable[[str, str, str], None], device: str, group: str, impl: str) -> None:
     bench(device, group, impl)
 
 

@@ -19,6 +19,7 @@ from rnl_fast.train._layers import rate_readouts
 from rnl_fast.train.evaluation import accuracy_and_omega
 
 sys.path.insert(0, str(Path(__file__).parent))
+from ddp_channel_wise_worker import channel_wise_model  # noqa: E402  (the network of the DDP test)
 from ddp_train_worker import tiny_model  # noqa: E402  (the same network in one and two processes)
 
 NUM_CLASSES = 4
@@ -465,10 +466,10 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_ddp_two_ranks(tmp_path: Path) -> None:
-    """torchrun, 2 CPU ranks (gloo): identical weights and running maxima on both ranks, the
-    running max the MAX over ranks of their local values; only rank 0 checkpoints."""
-    worker = Path(__file__).with_name("ddp_train_worker.py")
+def _torchrun_two_ranks(worker_file: str, out_dir: Path) -> list[dict]:
+    """Runs ``tests/<worker_file> out_dir`` on 2 CPU ranks (gloo) under torchrun; returns what
+    each rank saved to ``out_dir/rank{r}.pt``."""
+    worker = Path(__file__).with_name(worker_file)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
     command = [
         sys.executable,
@@ -479,11 +480,17 @@ def test_ddp_two_ranks(tmp_path: Path) -> None:
         "--master_addr=127.0.0.1",
         f"--master_port={_free_port()}",
         str(worker),
-        str(tmp_path),
+        str(out_dir),
     ]
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert finished.returncode == 0, finished.stderr[-4000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+def test_ddp_two_ranks(tmp_path: Path) -> None:
+    """torchrun, 2 CPU ranks (gloo): identical weights and running maxima on both ranks, the
+    running max the MAX over ranks of their local values; only rank 0 checkpoints."""
+    ranks = _torchrun_two_ranks("ddp_train_worker.py", tmp_path)
     for key in ("after_stage1", "after_stage2"):
         _assert_states_equal(ranks[0][key], ranks[1][key])
     assert ranks[0]["history1"] == ranks[1]["history1"]
@@ -504,6 +511,37 @@ def test_ddp_two_ranks(tmp_path: Path) -> None:
     checkpoint = train.load_checkpoint(tmp_path / "stage2.pt")
     assert checkpoint["epoch"] == 1 and len(checkpoint["rng_states"]) == 2
     _assert_states_equal(checkpoint["model_state"], ranks[0]["after_stage2"])
+
+
+def test_ddp_channel_wise_running_max(tmp_path: Path) -> None:
+    """torchrun, 2 CPU ranks (gloo), stage 1 with channel-wise Rate Norm Layers beside a
+    per-layer one: after every training step each running max is the same on both ranks and is
+    what one process would hold after the same step on the global batch (both ranks' shares),
+    i.e. per channel the MAX over ranks of their local updates (``all_reduce_running_max``).
+
+    The first layer's channel 0 is won by rank 0 and its channel 1 by rank 1: maxima reduced as
+    one scalar per layer, or not reduced, fail here."""
+    ranks = _torchrun_two_ranks("ddp_channel_wise_worker.py", tmp_path)
+    _assert_states_equal(ranks[0]["state"], ranks[1]["state"])
+    final = [value for name, value in ranks[0]["state"].items() if name.endswith("running_max")]  # module order
+    assert [tuple(value.shape) for value in final] == [(2,), (4,), ()]
+
+    first_local = [ranks[r]["forwards"][0][0]["local_after"] for r in range(2)]
+    assert first_local[0][0] > first_local[1][0] and first_local[1][1] > first_local[0][1]
+
+    fresh_layers = [m for m in channel_wise_model().modules() if isinstance(m, RateNorm)]
+    for layer, (fresh, steps0, steps1) in enumerate(zip(fresh_layers, *(r["forwards"] for r in ranks))):
+        assert len(steps0) == len(steps1) == 2 * 4, layer  # 2 epochs of 48 images per rank in batches of 12
+        # What the layer held after each step's reduction: the next step's starting value, then the final state.
+        reduced = [step["before"] for step in steps0[1:]] + [final[layer]]
+        for step, (on0, on1, after) in enumerate(zip(steps0, steps1, reduced)):
+            where = f"layer {layer}, step {step}"
+            assert torch.equal(on0["before"], on1["before"]), where
+            assert torch.equal(after, torch.maximum(on0["local_after"], on1["local_after"])), where
+            single = copy.deepcopy(fresh).train()
+            single.running_max = on0["before"].clone()
+            single(torch.cat([on0["x"], on1["x"]]))
+            assert torch.equal(single.running_max, after), where
 
 
 def test_stage2_keeps_a_state_met_inside_an_epoch(stage1_model, splits) -> None:

@@ -1,5 +1,6 @@
 """The op cases (IF, IF + 2×2 pooling, Rate Norm): their inputs and each impl's call; and
-:class:`CaseBuilder`, which builds any case, end to end included, and primes each impl once.
+:class:`CaseBuilder`, which builds any case, end to end and time to accuracy included, and primes
+each impl once.
 
 The impls of an op group:
 
@@ -24,6 +25,7 @@ from rnl_fast.reference import OMEGA_EPS
 
 from .e2e import build_e2e_case
 from .groups import GROUPS_BY_NAME, IMPLS, POOL_IMPLS, SEED, Case, Group, Sizes, Unavailable, sizes_for
+from .tta import build_tta_case
 
 #: Rate Norm momentum, the same for every impl.
 RNL_MOMENTUM = 0.1
@@ -209,9 +211,10 @@ class CaseBuilder:
             raise ValueError(f"impl of {group_name} must be one of {group.impls}, got {impl!r}")
         if device == "cuda" and not torch.cuda.is_available():
             raise Unavailable("CUDA is not available")
-        build = build_e2e_case if group.op == "e2e" else build_op_case
+        build = {"e2e": build_e2e_case, "tta": build_tta_case}.get(group.op, build_op_case)
         case = build(group, impl, device, self.scale)
-        if impl != "compile" and (group_name, impl, device) not in self._primed:
+        # A time-to-accuracy case has run its impl many times already, in its steps search.
+        if impl != "compile" and group.op != "tta" and (group_name, impl, device) not in self._primed:
             self._primed.add((group_name, impl, device))
             build(group, impl, device, "tiny").run()
         return case

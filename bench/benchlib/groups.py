@@ -10,10 +10,13 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .tta import TimeToAccuracy
 
 SCALES = ("full", "small", "tiny")
 IMPLS = ("ours", "clone", "eager", "compile", "spikingjelly")
@@ -25,6 +28,9 @@ E2E_RELU_IMPLS = ("ours", "ours-one-chunk", "spikingjelly", "ann")
 #: Impls of the chunked long run: ours at T = 1024 (the engine's chunks, then 64-step chunks)
 #: beside ours at T = 64 on the same batch.
 E2E_LONG_IMPLS = ("ours", "ours-chunk64", "ours-T64")
+#: Impls of the time-to-accuracy group (``tta.py``): our best conversion, our MaxNorm, SpikingJelly's
+#: best, and one ANN forward over the same images (the unit of the "x ANN" column).
+TTA_IMPLS = ("ours", "ours-maxnorm", "spikingjelly", "ann")
 #: Seed of every input and of the end-to-end networks' weights: every impl sees the same tensors.
 SEED = 20210801
 
@@ -71,7 +77,7 @@ class Group:
 
     name: str
     title: str
-    op: str  #: "if", "rate_norm" or "e2e"
+    op: str  #: "if", "rate_norm", "e2e" or "tta" (time to accuracy)
     impls: tuple[str, ...]
     dtype: torch.dtype = torch.float32  #: dtype of x
     spike_dtype: torch.dtype | None = None  #: IF spike dtype (None: x.dtype)
@@ -138,6 +144,14 @@ GROUPS: tuple[Group, ...] = (
         steps=1024,
         batch=16,
     ),
+    # The sizes of the time-to-accuracy run are in tta.TTA_PLANS (trained net, images, batch).
+    Group(
+        "tta-cnn7-mnist",
+        "time to accuracy: MNIST cnn7 until the SNN is within 1 point of its ANN",
+        "tta",
+        TTA_IMPLS,
+        model="cnn7",
+    ),
 )
 GROUPS_BY_NAME = {group.name: group for group in GROUPS}
 
@@ -161,10 +175,14 @@ class Case:
     output: Tensor | None = None
     #: SpikingJelly's end-to-end cases: (λ per neuron layer of ours, of SpikingJelly's), graph order.
     thresholds: tuple[list[float], list[float]] | None = None
+    #: Time-to-accuracy cases: what the steps search found (``steps`` is its steps to the target).
+    time_to_accuracy: TimeToAccuracy | None = None
+    #: Time-to-accuracy cases: test images the last call classified right (None before any call).
+    timed_correct: int | None = None
 
 
 def case_params(op: str) -> list[Any]:
-    """pytest parameters ``(device, group, impl)`` of every case of ``op`` ("if", "rate_norm", "e2e").
+    """pytest parameters ``(device, group, impl)`` of every case of ``op`` ("if", "rate_norm", "e2e", "tta").
 
     CUDA cases carry the ``gpu`` mark and skip without CUDA; on CPU the Triton kernels are not
     benchmarked (the interpreter is not a performance path).

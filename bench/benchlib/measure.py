@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .groups import Case, Group, Unavailable
+from .tta import TimeToAccuracy
 
 #: An end-to-end call longer than this (seconds) gets a single timed round (see measure_case).
 E2E_SLOW_CALL_S = 5.0
@@ -197,7 +198,7 @@ def measure_case(case: Case, timer: Timer, budget_s: float) -> Measurement:
     peak, first_s = peak_memory(case.run, case.device)
     # An end-to-end call of seconds (SpikingJelly at T = 256 on CPU: ~4 s, a minute on busy
     # cores) gets one timed round after the peak-memory call, which was its warm-up.
-    slow = case.group.op == "e2e" and first_s > E2E_SLOW_CALL_S
+    slow = case.group.op in ("e2e", "tta") and first_s > E2E_SLOW_CALL_S
     median_s, rounds = timer(case.run, rounds_for(first_s, budget_s, min_rounds=1 if slow else 2), first_s)
     return Measurement(
         group=case.group.name,
@@ -223,7 +224,7 @@ def skipped(group: Group, impl: str, device: str, note: str) -> Measurement:
 @dataclass
 class Results:
     """What one run collects, for the tables: the measurements, the copy bandwidth of each device,
-    the profiles, and what the end-to-end agreement checks compare."""
+    the profiles, what the end-to-end agreement checks compare, and the time-to-accuracy cases."""
 
     measurements: list[Measurement] = field(default_factory=list)
     copy_gbps: dict[str, float] = field(default_factory=dict)
@@ -233,6 +234,9 @@ class Results:
     outputs: dict[tuple[str, str, str], Tensor] = field(default_factory=dict)
     #: (model, device) → (λ per neuron layer of ours, of SpikingJelly's), in graph order
     thresholds: dict[tuple[str, str], tuple[list[float], list[float]]] = field(default_factory=dict)
+    #: (group, device, impl) → what a time-to-accuracy case's steps search found, and the test
+    #: images its last timed call classified right
+    time_to_accuracy: dict[tuple[str, str, str], tuple[TimeToAccuracy, int | None]] = field(default_factory=dict)
 
     def add(self, measurement: Measurement, case: Case | None = None) -> None:
         """Keeps ``measurement``, and what its measured ``case`` computed for the checks."""
@@ -243,3 +247,6 @@ class Results:
             self.outputs[(case.group.name, case.device, case.impl)] = case.output
         if case.thresholds is not None:
             self.thresholds[(case.group.model, case.device)] = case.thresholds
+        if case.time_to_accuracy is not None:
+            key = (case.group.name, case.device, case.impl)
+            self.time_to_accuracy[key] = (case.time_to_accuracy, case.timed_correct)

@@ -14,6 +14,7 @@ from torch import Tensor
 from .groups import E2E_LONG_IMPLS, GROUPS, Group
 from .measure import Measurement, Results, mb_text, ms_text
 from .targets import evaluate_target, targets_of
+from .tta import CONVERSION_TEXT
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
@@ -127,13 +128,88 @@ def _e2e_group_table(device: str, group: Group, rows: dict[str, Measurement]) ->
     ]
 
 
+def _tta_group_table(device: str, group: Group, rows: dict[str, Measurement], results: Results) -> list[str]:
+    """Time to accuracy: per impl its steps to ANN − 1, the accuracy there, the time of a run of
+    that many steps over all the test images, per step and in all, and SpikingJelly's total time
+    over the impl's."""
+    skip = _whole_group_skipped(rows)
+    if skip is not None:
+        return ["", f"### {group.name} [{device}]: {group.title}: skipped: {skip}"]
+    found = {
+        impl: results.time_to_accuracy[(group.name, device, impl)]
+        for impl in rows
+        if (group.name, device, impl) in results.time_to_accuracy
+    }
+    sj, ann = rows.get("spikingjelly"), rows.get("ann")
+    any_search = next(iter(found.values()))[0] if found else None
+    table = []
+    for impl in (impl for impl in group.impls if impl in rows):
+        m = rows[impl]
+        search, timed_correct = found.get(impl, (None, None))
+        if search is not None and search.steps is not None:
+            accuracy = f"{search.snn_accuracy:.1f}"
+        elif impl == "ann" and any_search is not None:
+            accuracy = f"{any_search.ann_accuracy:.1f}"
+        else:
+            accuracy = "-"
+        notes = [m.note] if m.note else []
+        if search is not None and timed_correct is not None and timed_correct != search.snn_correct:
+            notes.append(f"the timed run scored {100 * timed_correct / search.images:.1f}%")
+        table.append(
+            [
+                impl,
+                CONVERSION_TEXT.get(impl, "-"),
+                m.steps or "-",
+                accuracy,
+                "-" if not (m.median_s and m.steps) else ms_text(m.median_s / m.steps),
+                ms_text(m.median_s),
+                _ratio(m, ann, 1),
+                _ratio(sj, m, 2),
+                m.rounds or "-",
+                "; ".join(notes),
+            ]
+        )
+    header = [
+        "impl",
+        "conversion",
+        "steps to ANN-1",
+        "SNN acc %",
+        "ms / step",
+        "total ms",
+        "x ANN",
+        "t_SJ / t",
+        "rounds",
+        "note",
+    ]
+    if any_search is not None:
+        images = any_search.images
+        about = (
+            f"{images} MNIST test images in batches of {rows[next(iter(found))].shape[0]}; ANN "
+            f"{any_search.ann_accuracy:.1f}% ({any_search.ann_correct}/{images}), target >= "
+            f"{100 * any_search.target_correct / images:.1f}%"
+        )
+    else:
+        about = _shape_text(rows)
+    return [
+        "",
+        f"### {group.name} [{device}]: {group.title}; {about}",
+        *format_table(header, table),
+        "total ms: one run of exactly the steps to ANN-1 over all the test images (steps search not timed);",
+        "x ANN: total over one ANN forward of the same images; t_SJ / t: SpikingJelly's total over the row's.",
+        *_target_lines("- target: ", group, device, rows, None),
+    ]
+
+
 def group_tables(results: Results) -> list[str]:
     """One table per (device, group): each impl's time, time over ours, GB/s (end to end: T, chunk,
-    ms per step, multiple of one ANN forward), peak memory; then the group's targets."""
+    ms per step, multiple of one ANN forward; time to accuracy: steps to ANN − 1, accuracy, time
+    per step and in all), peak memory; then the group's targets."""
     lines: list[str] = []
     for device, group, rows in _by_group(results.measurements):
         if group.op == "e2e":
             lines += _e2e_group_table(device, group, rows)
+        elif group.op == "tta":
+            lines += _tta_group_table(device, group, rows, results)
         else:
             lines += _op_group_table(device, group, rows, results.copy_gbps.get(device))
     return lines
@@ -141,10 +217,10 @@ def group_tables(results: Results) -> list[str]:
 
 def summary_table(results: Results) -> list[str]:
     """One row per (device, group): ours against every baseline; then every target (the
-    end-to-end groups are in :func:`e2e_summary`)."""
+    end-to-end groups are in :func:`e2e_summary`, time to accuracy in :func:`group_tables`)."""
     table, targets = [], []
     for device, group, rows in _by_group(results.measurements):
-        if group.op == "e2e":
+        if group.op in ("e2e", "tta"):
             continue
         ours, copy = rows.get("ours"), results.copy_gbps.get(device)
         gbps = ours.gbps if ours else None
