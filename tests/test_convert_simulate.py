@@ -299,3 +299,27 @@ def test_layer_labels_name_the_layer_feeding_each_neuron_layer():
     assert list(labels.values()) == ["conv1", "conv2", "conv3", "conv4", "conv5", "fc1", "fc2"]
     result = simulate(snn, [(torch.rand(2, 1, 28, 28), torch.zeros(2, dtype=torch.long))], T=2, progress=False)
     assert result.layer_labels == labels
+
+
+def test_a_step_exactly_one_point_below_the_ann_reaches_the_target():
+    # 639 of 1000 correct against an ANN at 64.9%: 64.9 − 1.0 is 63.900000000000006 in floating
+    # point. Catches a comparison without slack (the step would be missed) and one too loose.
+    from rnl_fast.energy import steps_to_accuracy
+
+    assert steps_to_accuracy([60.0, 100 * 639 / 1000], 64.9 - 1.0) == 2
+    assert steps_to_accuracy([60.0, 100 * 638 / 1000], 64.9 - 1.0) is None
+
+
+def test_robustnorm_calibration_does_not_depend_on_the_global_generator():
+    # More positive activations than one batch keeps (500k): RobustNorm samples them. Catches a
+    # sample drawn from torch's global generator (other λ, hence other steps, from run to run).
+    net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 48 * 48, 3)).eval()
+    with torch.no_grad():
+        net[0].bias.fill_(1.0)  # every activation positive
+    batches = [(torch.rand(16, 1, 48, 48), None)]
+    thresholds = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        snn = rnl_fast.convert(net, "robustnorm", calibration=batches)
+        thresholds.append([layer.threshold for layer in snn.neuron_layers.values()])
+    assert thresholds[0] == thresholds[1]

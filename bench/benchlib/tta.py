@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from rnl_fast.energy import steps_to_accuracy
+
 from .groups import SEED, Case, Group, Unavailable
 
 #: How close to the ANN the SNN must come, in accuracy points.
@@ -100,20 +102,16 @@ def steps_within(
     correct_per_step: Sequence[int], ann_correct: int, images: int, margin: float = MARGIN_POINTS
 ) -> int | None:
     """The first step t (1-based) whose SNN is within ``margin`` accuracy points of the ANN on
-    ``images`` images, i.e. ``100·(ann_correct − correct_per_step[t−1]) ≤ margin·images``; None
-    when no step is.
-
-    Decided on counts of correct images, so that a step exactly ``margin`` points below the ANN
-    counts: on percentages the target ``ann − margin`` may round above the SNN's accuracy (with
-    649 of 1000 correct, ``64.9 − 1.0`` is 63.900000000000006, above ``100·639/1000``).
+    ``images`` images (``correct_per_step[t−1]`` correct against the ANN's ``ann_correct``); None
+    when no step is. The library's own rule (:func:`rnl_fast.energy.steps_to_accuracy`, what the
+    demo's tables use) decides, so that the bench and the tables can never disagree; a step
+    exactly ``margin`` points below the ANN counts (with 649 of 1000 correct, ``64.9 − 1.0`` is
+    63.900000000000006 in floating point, and 639 correct must reach it).
     """
     if images <= 0:
         raise ValueError(f"images must be positive, got {images}")
-    limit = margin * images
-    for t, correct in enumerate(correct_per_step, start=1):
-        if 100 * (ann_correct - correct) <= limit:
-            return t
-    return None
+    accuracy = [100.0 * correct / images for correct in correct_per_step]
+    return steps_to_accuracy(accuracy, 100.0 * ann_correct / images - margin)
 
 
 def search_steps(

@@ -32,6 +32,8 @@ from .recipe import NeuronLayerSpec, Recipe
 ROBUST_PERCENTILE = 99.9
 #: Activations sampled per layer for the percentile (torch.quantile's input limit is 2**24).
 _PERCENTILE_SAMPLE = 4_000_000
+#: Seed of the generator that draws that sample (the calibration is deterministic).
+SAMPLE_SEED = 0
 #: Modules through which a factor on the input comes out unchanged on the output (linear, no bias).
 _SCALE_COMMUTING = (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Identity)
 
@@ -77,8 +79,11 @@ def calibrate_scales(
     RobustNorm keeps a bounded uniform sample of the positive activations of each layer (at most
     :data:`_PERCENTILE_SAMPLE`); channel-wise, each sampled value keeps its channel, so the
     per-channel percentiles come from the same sample. Below the bound every value is kept and
-    the percentiles are exact.
+    the percentiles are exact. The sample is drawn from a generator of its own seeded with
+    :data:`SAMPLE_SEED`, so one network and one calibration set always give the same λ whatever
+    torch's global generator holds.
     """
+    sampler = torch.Generator().manual_seed(SAMPLE_SEED)
     relus = {name: m for name, m in model.named_modules() if isinstance(m, nn.ReLU)}
     collected: dict[str, list[Tensor]] = {name: [] for name in relus}
     channels_of: dict[str, list[Tensor]] = {name: [] for name in relus}
@@ -105,7 +110,7 @@ def calibrate_scales(
                 channels = _channel_index(output)[mask].cpu() if channel_wise else None
                 # Keep a bounded uniform sample so memory stays flat on big calibration sets.
                 if positive.numel() > _PERCENTILE_SAMPLE // 8:
-                    keep = torch.randint(positive.numel(), (_PERCENTILE_SAMPLE // 8,))
+                    keep = torch.randint(positive.numel(), (_PERCENTILE_SAMPLE // 8,), generator=sampler)
                     positive = positive[keep]
                     channels = channels[keep] if channels is not None else None
                 collected[name].append(positive)
@@ -140,7 +145,7 @@ def calibrate_scales(
         values = torch.cat(parts) if parts else torch.zeros(0)
         channels = torch.cat(channels_of[name]) if channels_of[name] else None
         if values.numel() > _PERCENTILE_SAMPLE:
-            keep = torch.randperm(values.numel())[:_PERCENTILE_SAMPLE]
+            keep = torch.randperm(values.numel(), generator=sampler)[:_PERCENTILE_SAMPLE]
             values = values[keep]
             channels = channels[keep] if channels is not None else None
         layer = float(torch.quantile(values, ROBUST_PERCENTILE / 100)) if values.numel() else 1.0
