@@ -23,6 +23,19 @@ from ._checks import check_float_tensor, check_one_element, check_qcfs_levels
 from .layout import flat_in_memory_order, flat_like
 
 
+def _cpp_input(x1: Tensor, threshold: Tensor, levels: int) -> dict:
+    """The arguments every C++ entry point takes: the flat input, λ read on the host (a CPU tensor:
+    no device to wait for; exact as a Python float), L and the threads."""
+    return dict(
+        x=x1.data_ptr(),
+        x_len=x1.numel(),
+        dtype=cpp_dtype(x1.dtype),
+        threshold=threshold.item(),
+        levels=levels,
+        num_threads=threads(),
+    )
+
+
 @torch.library.custom_op("rnl_fast::qcfs_forward", mutates_args=())
 def _qcfs_forward(x: Tensor, threshold: Tensor, levels: int) -> Tensor:
     x, x1, order = flat_in_memory_order(x)
@@ -31,17 +44,7 @@ def _qcfs_forward(x: Tensor, threshold: Tensor, levels: int) -> Tensor:
     if backend_for(x) == "triton":  # λ stays on the device: the kernel reads it
         triton(x.device.type == "cpu").qcfs_fwd(x1, threshold.to(compute_dtype_of(x.dtype)), y1, levels)
         return y
-    # CPU tensors: λ read on the host (no device to wait for), exact as a Python float.
-    cpp().qcfs_forward(
-        x=x1.data_ptr(),
-        x_len=x1.numel(),
-        dtype=cpp_dtype(x1.dtype),
-        threshold=threshold.item(),
-        levels=levels,
-        y=y1.data_ptr(),
-        y_len=y1.numel(),
-        num_threads=threads(),
-    )
+    cpp().qcfs_forward(**_cpp_input(x1, threshold, levels), y=y1.data_ptr(), y_len=y1.numel())
     return y
 
 
@@ -62,16 +65,11 @@ def _qcfs_backward(grad_y: Tensor, x: Tensor, threshold: Tensor, levels: int) ->
         triton(x.device.type == "cpu").qcfs_bwd(g1, x1, threshold.to(cdt), grad_x1, grad_threshold, levels)
     else:
         grad_lambda = cpp().qcfs_backward(
+            **_cpp_input(x1, threshold, levels),
             grad_y=g1.data_ptr(),
             grad_y_len=g1.numel(),
-            x=x1.data_ptr(),
-            x_len=x1.numel(),
-            dtype=cpp_dtype(x1.dtype),
-            threshold=threshold.item(),
-            levels=levels,
             grad_x=grad_x1.data_ptr(),
             grad_x_len=grad_x1.numel(),
-            num_threads=threads(),
         )
         grad_threshold = torch.tensor(grad_lambda, dtype=cdt)
     # As the reference's λ.to(compute dtype) passes its gradient back: in λ's own dtype.
