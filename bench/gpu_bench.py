@@ -6,7 +6,7 @@
 Runs the cases of ``benchlib`` (the ones ``pytest bench/`` runs), timed by
 ``triton.testing.do_bench`` (CUDA events; a host clock with ``--cpu-dry-run``):
 IF at T = 32 and 16M neurons, Rate Norm at [128, 32, 28, 28] (plain, channel-wise, quantized,
-both), ours beside x.clone(), the eager reference, SpikingJelly 2.0's Triton backend and
+both) and QCFS (L = 8) on the same x, ours beside x.clone(), the eager reference, SpikingJelly 2.0's Triton backend and
 torch.compile of the reference; then end to end (cnn7 and vgg16 converted and simulated at batch
 128, T = 16, 64, 256, beside one ANN forward and SpikingJelly's ann2snn conversion stepped T
 times; the chunked long run at T = 1024) and one profiled call of ours (cnn7, T = 64); the

@@ -14,6 +14,7 @@
 #include <utility>
 
 #include "if_kernel.h"
+#include "qcfs_kernel.h"
 #include "rate_norm_channel_kernel.h"
 #include "rate_norm_kernel.h"
 #include "rate_norm_scalars.h"
@@ -253,6 +254,33 @@ double py_rate_norm_channel_backward(uintptr_t grad_r, int64_t grad_r_len, doubl
   });
 }
 
+void py_qcfs_forward(uintptr_t x, int64_t x_len, DType dtype, double threshold, int levels, uintptr_t y,
+                     int64_t y_len, int num_threads) {
+  check_rate_norm_buffers(x, x_len, y, y_len, "y");
+  require(levels >= 1, "levels must be >= 1");
+  by_dtype(dtype, [&](auto types) {
+    using In = typename decltype(types)::In;
+    using Acc = typename decltype(types)::Acc;
+    py::gil_scoped_release release;
+    qcfs_forward<In, Acc>(as_ptr<const In>(x), x_len, threshold, levels, as_ptr<In>(y), num_threads);
+  });
+}
+
+// Returns dL/dthreshold, a value of the compute dtype.
+double py_qcfs_backward(uintptr_t grad_y, int64_t grad_y_len, uintptr_t x, int64_t x_len, DType dtype,
+                        double threshold, int levels, uintptr_t grad_x, int64_t grad_x_len, int num_threads) {
+  check_rate_norm_buffers(x, x_len, grad_x, grad_x_len, "grad_x");
+  require(grad_y && grad_y_len >= x_len, "grad_y must hold x_len elements");
+  require(levels >= 1, "levels must be >= 1");
+  return by_dtype(dtype, [&](auto types) {
+    using In = typename decltype(types)::In;
+    using Acc = typename decltype(types)::Acc;
+    py::gil_scoped_release release;
+    return static_cast<double>(static_cast<Acc>(qcfs_backward<In, Acc>(
+        as_ptr<const In>(grad_y), as_ptr<const In>(x), x_len, threshold, levels, as_ptr<In>(grad_x), num_threads)));
+  });
+}
+
 double py_rate_norm_threshold(double raw_p, float running_max, double theta_eps, DType dtype) {
   return by_dtype(dtype, [&](auto types) {
     using Acc = typename decltype(types)::Acc;
@@ -324,6 +352,12 @@ PYBIND11_MODULE(_C, m) {
                "Channel-wise Rate Norm backward: writes grad_x, returns dL/draw_p.", "grad_r", "grad_r_len",
                "grad_sum_r", "grad_sum_r2", "x", "x_len", "dtype", "channels", "inner", "raw_p", "running_max",
                "running_max_len", "theta_eps", "levels", "grad_x", "grad_x_len", "num_threads");
+
+  def_keywords(m, "qcfs_forward", &py_qcfs_forward, "QCFS activation: writes y.", "x", "x_len", "dtype",
+               "threshold", "levels", "y", "y_len", "num_threads");
+  def_keywords(m, "qcfs_backward", &py_qcfs_backward, "QCFS backward: writes grad_x, returns dL/dthreshold.",
+               "grad_y", "grad_y_len", "x", "x_len", "dtype", "threshold", "levels", "grad_x", "grad_x_len",
+               "num_threads");
 
   // The Rate Norm scalars on their own, for the tests that compare their bits with the spec's.
   def_keywords(m, "rate_norm_threshold", &py_rate_norm_threshold, "theta = sigmoid(raw_p)*running_max + theta_eps.",

@@ -1,6 +1,6 @@
 // Channel-wise Rate Norm: the per-element arithmetic of rate_norm_rate.h with θ looked up per
 // channel. Memory is walked in one of two ways: lines of `inner` elements of one channel (NCHW,
-// inner = H·W), split in chunks of at most kChunk; or, when inner = 1 (channels-last, [B, F]),
+// inner = H·W), split in chunks of at most kSumChunk; or, when inner = 1 (channels-last, [B, F]),
 // blocks of rows of C elements, one per channel, vectorised over the channels. Per-channel
 // reductions (the batch max, dL/dθ_c) go through per-thread arrays of C values.
 #include "rate_norm_channel_kernel.h"
@@ -8,17 +8,16 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <array>
 #include <type_traits>
 #include <vector>
 
-#include "rate_norm_rate.h"
+#include "chunked_sums.h"
+#include "rate_norm_lines.h"
 #include "rate_norm_scalars.h"
 
 namespace rnl_fast {
 namespace {
-
-// Elements summed in Acc before the sum moves on in double (as rate_norm_kernel.cpp).
-constexpr int64_t kChunk = 4096;
 
 // A stretch of elements of one channel: [begin, end).
 struct Line {
@@ -30,16 +29,16 @@ struct Walk {
   int64_t M, C, inner;
 
   bool by_rows() const { return inner == 1; }
-  int64_t parts_per_line() const { return (inner + kChunk - 1) / kChunk; }
-  int64_t rows_per_item() const { return std::max<int64_t>(1, kChunk / C); }
+  int64_t parts_per_line() const { return (inner + kSumChunk - 1) / kSumChunk; }
+  int64_t rows_per_item() const { return std::max<int64_t>(1, kSumChunk / C); }
   int64_t items() const {
     if (by_rows()) return (M / C + rows_per_item() - 1) / rows_per_item();
     return (M / inner) * parts_per_line();
   }
   // Lines: the chunk `item` of line item / parts_per_line, whose channel is line % C.
   Line line(int64_t item) const {
-    const int64_t j = item / parts_per_line(), begin = j * inner + (item % parts_per_line()) * kChunk;
-    return {begin, std::min(j * inner + inner, begin + kChunk), j % C};
+    const int64_t j = item / parts_per_line(), begin = j * inner + (item % parts_per_line()) * kSumChunk;
+    return {begin, std::min(j * inner + inner, begin + kSumChunk), j % C};
   }
   // Rows: the rows [first, last) of block `item`.
   int64_t first_row(int64_t item) const { return item * rows_per_item(); }
@@ -87,76 +86,35 @@ void channel_relu_max(const In* x, const Walk& w, float* best, int num_threads) 
   }
 }
 
-// Writes r [M] and returns (Σr, Σr²).
+// Writes the rows [first, last) of C elements, one per channel (offset o·C), and returns their
+// (Σr, Σr²) in Acc; not inlined, as rate_norm_lines.h's loops.
 template <bool QUANT, typename In, typename Acc>
-RateNormSums forward_pass(const In* x, const Walk& w, const Acc* theta, Acc levels, In* r, int num_threads) {
-  double sum_r = 0.0, sum_r2 = 0.0;
-  const int64_t items = w.items(), C = w.C;
-#pragma omp parallel num_threads(num_threads) if (w.M >= kParallelMinWork)
-  {
-    double my_r = 0.0, my_r2 = 0.0;
-#pragma omp for schedule(static)
-    for (int64_t item = 0; item < items; ++item) {
-      Acc chunk_r = 0, chunk_r2 = 0;
-      if (w.by_rows()) {
-        for (int64_t o = w.first_row(item); o < w.last_row(item); ++o) {
-          const In* xo = x + o * C;
-          In* ro = r + o * C;
-#pragma omp simd reduction(+ : chunk_r, chunk_r2)
-          for (int64_t c = 0; c < C; ++c) {
-            const Acc rate = forward_rate<QUANT>(load<Acc>(xo + c), theta[c], levels);
-            store(ro + c, rate);
-            chunk_r += rate;
-            chunk_r2 += rate * rate;
-          }
-        }
-      } else {
-        const Line line = w.line(item);
-        const Acc th = theta[line.channel];
-#pragma omp simd reduction(+ : chunk_r, chunk_r2)
-        for (int64_t i = line.begin; i < line.end; ++i) {
-          const Acc rate = forward_rate<QUANT>(load<Acc>(x + i), th, levels);
-          store(r + i, rate);
-          chunk_r += rate;
-          chunk_r2 += rate * rate;
-        }
-      }
-      my_r += chunk_r;
-      my_r2 += chunk_r2;
+__attribute__((noinline)) std::array<Acc, 2> forward_rows(const In* __restrict x, int64_t first, int64_t last, int64_t C,
+                                                          const Acc* __restrict theta, Acc levels, In* __restrict r) {
+  Acc sum_r = 0, sum_r2 = 0;
+  for (int64_t o = first; o < last; ++o) {
+    const In* xo = x + o * C;
+    In* ro = r + o * C;
+#pragma omp simd reduction(+ : sum_r, sum_r2)
+    for (int64_t c = 0; c < C; ++c) {
+      const Acc rate = forward_rate<QUANT>(load<Acc>(xo + c), theta[c], levels);
+      store(ro + c, rate);
+      sum_r += rate;
+      sum_r2 += rate * rate;
     }
-#pragma omp atomic
-    sum_r += my_r;
-#pragma omp atomic
-    sum_r2 += my_r2;
   }
   return {sum_r, sum_r2};
 }
 
-// The gradient of one element: writes grad_x[i], returns its term of dL/dθ (rate_norm_kernel.cpp).
-template <bool HAS_GRAD_R, bool QUANT, typename In, typename Acc>
-inline Acc backward_element(const In* __restrict grad_r, Acc grad_sum_r, Acc grad_sum_r2, const In* __restrict x,
-                            int64_t i, Acc theta, Acc levels, In* __restrict grad_x) {
-  bool inside;
-  Acc u;
-  const Acc rate = rate_grad<QUANT>(load<Acc>(x + i), theta, levels, inside, u);
-  const Acc upstream = HAS_GRAD_R ? load<Acc>(grad_r + i) : Acc(0);
-  const Acc g = upstream + grad_sum_r + Acc(2) * rate * grad_sum_r2;
-  store(grad_x + i, inside ? g / theta : Acc(0));
-  return inside ? -g * u / theta : Acc(0);
-}
-
-// The elements [begin, end) of one channel; returns their dL/dθ. Not inlined: a loop of its own
-// over restrict pointers, vectorised whatever the caller's OpenMP outlining does.
-template <bool HAS_GRAD_R, bool QUANT, typename In, typename Acc>
-__attribute__((noinline)) Acc backward_line(const In* __restrict grad_r, Acc grad_sum_r, Acc grad_sum_r2,
-                                            const In* __restrict x, int64_t begin, int64_t end, Acc theta,
-                                            Acc levels, In* __restrict grad_x) {
-  Acc part = 0;
-#pragma omp simd reduction(+ : part)
-  for (int64_t i = begin; i < end; ++i) {
-    part += backward_element<HAS_GRAD_R, QUANT>(grad_r, grad_sum_r, grad_sum_r2, x, i, theta, levels, grad_x);
-  }
-  return part;
+// Writes r [M] and returns (Σr, Σr²).
+template <bool QUANT, typename In, typename Acc>
+RateNormSums forward_pass(const In* x, const Walk& w, const Acc* theta, Acc levels, In* r, int num_threads) {
+  const auto sums = parallel_sums<2>(w.items(), w.M >= kParallelMinWork, num_threads, [&](int64_t item) {
+    if (w.by_rows()) return forward_rows<QUANT>(x, w.first_row(item), w.last_row(item), w.C, theta, levels, r);
+    const Line line = w.line(item);
+    return forward_line<QUANT>(x, line.begin, line.end, theta[line.channel], levels, r);
+  });
+  return {sums[0], sums[1]};
 }
 
 // One row of C elements, one per channel (offset o·C); adds each channel's dL/dθ to chunk[c].

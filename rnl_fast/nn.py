@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from . import ops
 from .numerics import OMEGA_EPS, SURROGATES, THETA_EPS
-from .ops._checks import check_channel_wise, check_levels
+from .ops._checks import check_channel_wise, check_levels, check_qcfs_levels
 
 #: The raw logit that ``p_init = 1.0`` maps to: p = sigmoid(10) ≈ 0.99995, as the official code.
 RAW_P_MAX = 10.0
@@ -304,9 +304,7 @@ class QCFS(nn.Module):
 
     def __init__(self, levels: int = QCFS_LEVELS, threshold_init: float = QCFS_THRESHOLD_INIT) -> None:
         super().__init__()
-        levels = check_levels(levels)
-        if levels is None:
-            raise ValueError("levels must be a positive int for QCFS, got None")
+        levels = check_qcfs_levels(levels)
         if not (
             isinstance(threshold_init, (int, float))
             and not isinstance(threshold_init, bool)

@@ -16,7 +16,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from rnl_fast.kernels import if_kernels, if_pool_kernels, rate_norm_kernels
+from rnl_fast.kernels import if_kernels, if_pool_kernels, qcfs_kernels, rate_norm_kernels
 
 TARGET = GPUTarget("cuda", 90, 32)
 # (storage dtype of x and of the tensors shaped like it, compute dtype)
@@ -31,7 +31,17 @@ FIXED_POINTERS = {
     "raw_p_ptr": "fp32",
 }
 # Pointers to tensors shaped and typed like x (the rest are in the compute dtype).
-LIKE_X = {"x_ptr", "spikes_ptr", "pooled_ptr", "r_ptr", "grad_r_ptr", "grad_x_ptr", "grad_spikes_ptr"}
+LIKE_X = {
+    "x_ptr",
+    "spikes_ptr",
+    "pooled_ptr",
+    "r_ptr",
+    "grad_r_ptr",
+    "grad_x_ptr",
+    "grad_spikes_ptr",
+    "y_ptr",
+    "grad_y_ptr",
+}
 
 
 def signature(fn, storage: str, compute: str, constexprs: dict) -> dict[str, str]:
@@ -112,6 +122,8 @@ KERNELS = {
         rate_norm_kernels._rate_norm_bwd_kernel,
         dict(HAS_GRAD_R=(False, True), EPS=(1e-6,), CHANNEL_WISE=(False, True), LEVELS=(0, 8), BLOCK=(1024,)),
     ),
+    "qcfs_fwd": (qcfs_kernels._qcfs_fwd_kernel, dict(LEVELS=(1, 255), BY_RECIPROCAL=(False, True), BLOCK=(1024,))),
+    "qcfs_bwd": (qcfs_kernels._qcfs_bwd_kernel, dict(LEVELS=(1, 255), BY_RECIPROCAL=(False, True), BLOCK=(1024,))),
 }
 
 

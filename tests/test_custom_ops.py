@@ -162,3 +162,46 @@ def test_compile_fullgraph_channel_wise_quantized():
     got.backward()
     assert model.rnl.raw_p.grad is not None and model.conv.weight.grad is not None
     assert torch._dynamo.explain(model)(x).graph_break_count == 0
+
+
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["no-grad", "grad"])
+@pytest.mark.parametrize("layout", ["nchw", "channels-last", "bf"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_opcheck_qcfs(requires_grad, layout, dtype):
+    """The fake kernels give the real ones' shapes, dtypes and strides (y and grad_x channels-last
+    for a channels-last x), and the registered autograd the real gradients to x and λ."""
+    x = torch.randn(4, 3, 5, 6) * 2 if layout != "bf" else torch.randn(6, 3) * 2
+    x = x.contiguous(memory_format=torch.channels_last) if layout == "channels-last" else x
+    x = x.to(dtype).requires_grad_(requires_grad)
+    threshold = torch.tensor(1.3, requires_grad=requires_grad)
+    torch.library.opcheck(torch.ops.rnl_fast.qcfs_forward.default, (x, threshold, 8))
+    grad_args = (torch.randn_like(x), x.detach(), threshold.detach(), 8)
+    torch.library.opcheck(torch.ops.rnl_fast.qcfs_backward.default, grad_args)
+
+
+class _QcfsNet(nn.Module):
+    """A conv net with QCFS activations, channels-last as a CPU convolution leaves its output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.act1 = nn.Conv2d(2, 4, 3, padding=1), rnl_fast.QCFS(levels=4, threshold_init=1.0)
+        self.fc, self.act2 = nn.Linear(4 * 6 * 6, 5), rnl_fast.QCFS(levels=8, threshold_init=2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act2(self.fc(self.act1(self.conv(x)).flatten(1))).sum()
+
+
+def test_compile_fullgraph_qcfs_training():
+    """QCFS under torch.compile(fullgraph=True): no graph break, the eager value and gradients."""
+    torch._dynamo.reset()
+    model = _QcfsNet()
+    x = torch.randn(3, 2, 6, 6).contiguous(memory_format=torch.channels_last)
+    expected = model(x)
+    expected_grads = torch.autograd.grad(expected, [model.act1.threshold, model.act2.threshold, model.conv.weight])
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    got = compiled(x)
+    torch.testing.assert_close(got, expected)
+    grads = torch.autograd.grad(got, [model.act1.threshold, model.act2.threshold, model.conv.weight])
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e)
+    assert torch._dynamo.explain(model)(x).graph_break_count == 0

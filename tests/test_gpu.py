@@ -94,12 +94,50 @@ def _assert_rate_norm_matches_reference(x, raw_p, running_max, options: tuple, g
         torch.testing.assert_close(fast, ref, rtol=1e-3, atol=grad_atol)
 
 
+@pytest.mark.parametrize("levels", [None, 8])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_rate_norm_matches_reference(training):
+def test_rate_norm_matches_reference(training, levels):
     x = (torch.randn(64, 32, 14, 14, device="cuda") * 1.5 + 0.3).requires_grad_()
     raw_p = torch.tensor(1.2, device="cuda", requires_grad=True)
     running_max = torch.tensor(2.0, device="cuda")
-    _assert_rate_norm_matches_reference(x, raw_p, running_max, (0.1, training), grad_atol=1e-5)
+    _assert_rate_norm_matches_reference(
+        x, raw_p, running_max, (0.1, training, False, levels), grad_atol=1e-5 if levels is None else 1e-4
+    )
+
+
+@pytest.mark.parametrize(
+    "layout, dtype, levels",
+    [
+        pytest.param("nchw", torch.float32, 255, id="nchw-fp32-L255"),
+        pytest.param("channels-last", torch.float32, 255, id="channels-last-fp32-L255"),
+        pytest.param("nchw", torch.float32, 1, id="nchw-fp32-L1"),
+        pytest.param("channels-last", torch.bfloat16, 8, id="channels-last-bf16-L8"),
+        pytest.param("nchw", torch.float64, 255, id="nchw-fp64-L255"),
+    ],
+)
+def test_qcfs_matches_reference_bit_for_bit(layout, dtype, levels):
+    """y and grad_x equal the reference's on CUDA too (its x/λ, ·L, + ½, floor, /L as torch does a
+    CUDA tensor over a Python int: times 1/L), dL/dλ to the summation order; and no host sync.
+    L = 255 is where 1/L is not exact; few (dtype, L) pairs, as each one compiles and autotunes
+    both kernels anew."""
+    x = (torch.randn(64, 32, 14, 14, device="cuda") * 2.5 + 0.8).to(dtype)
+    x = x.contiguous(memory_format=torch.channels_last) if layout == "channels-last" else x
+    threshold = torch.tensor(1.37, device="cuda")
+    grad_y = torch.randn(x.shape, device="cuda").to(dtype)
+    results = []
+    for fn in (ops.qcfs, reference.qcfs):
+        xg, lam = x.clone().requires_grad_(), threshold.clone().requires_grad_()
+        torch.cuda.set_sync_debug_mode("error" if fn is ops.qcfs else "default")
+        try:
+            y = fn(xg, lam, levels)
+            results.append((y, *torch.autograd.grad(y, [xg, lam], grad_y)))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    (y, grad_x, grad_lam), (y_ref, grad_x_ref, grad_lam_ref) = results
+    assert y.stride() == y_ref.stride()
+    assert torch.equal(y, y_ref)
+    assert torch.equal(grad_x, grad_x_ref)
+    torch.testing.assert_close(grad_lam, grad_lam_ref, rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("spikingjelly") is None, reason="spikingjelly not installed")

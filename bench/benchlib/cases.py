@@ -1,4 +1,4 @@
-"""The op cases (IF, IF + 2×2 pooling, Rate Norm): their inputs and each impl's call; and
+"""The op cases (IF, IF + 2×2 pooling, Rate Norm, QCFS): their inputs and each impl's call; and
 :class:`CaseBuilder`, which builds any case, end to end and time to accuracy included, and primes
 each impl once.
 
@@ -39,10 +39,14 @@ def bytes_moved(group: Group, x: Tensor) -> int:
       membrane) and the spike gradient and writes grad_x.
     - Rate Norm forward+backward: the forward reads x twice (max pass, then output pass) and
       writes r; the backward reads x and grad_r and writes grad_x.
+    - QCFS forward+backward: the forward reads x and writes y; the backward reads x and grad_y
+      and writes grad_x.
     """
     n, x_bytes = x.numel(), x.element_size()
     if group.op == "rate_norm":
         return 6 * n * x_bytes
+    if group.op == "qcfs":
+        return 5 * n * x_bytes
     spike_bytes = (group.spike_dtype or group.dtype).itemsize
     forward = n * x_bytes + (n // 4 if group.pool else n) * spike_bytes
     return forward + 3 * n * x_bytes if group.backward else forward
@@ -70,6 +74,12 @@ def _inputs(group_name: str, device: str, sizes: Sizes) -> dict[str, Tensor]:
         if group.backward:
             inputs["grad_spikes"] = randn(x.shape).to(group.dtype)
         return inputs
+    if group.op == "qcfs":
+        return {
+            "x": randn(sizes.rnl_shape).requires_grad_(True),
+            "weight": randn(sizes.rnl_shape),  # the loss (y * weight).sum() gives a dense grad_y
+            "threshold": torch.tensor(1.5, device=device, requires_grad=True),  # some x above λ
+        }
     return {
         "x": randn(sizes.rnl_shape).requires_grad_(True),
         "weight": randn(sizes.rnl_shape),  # the loss (r * weight).sum() gives a dense grad_r
@@ -153,8 +163,23 @@ def _rnl_loss_fn(impl: str, group: Group) -> Callable[..., Tensor]:
     raise ValueError(f"Rate Norm impl must be ours, eager or compile, got {impl!r}")
 
 
+def _qcfs_loss(qcfs_fn: Callable, levels: int, x: Tensor, threshold: Tensor, weight: Tensor) -> Tensor:
+    """A training step's loss through one QCFS activation: ``(y·weight).sum()``."""
+    return (qcfs_fn(x, threshold, levels) * weight).sum()
+
+
+def _qcfs_loss_fn(impl: str, group: Group) -> Callable[..., Tensor]:
+    if impl == "ours":
+        return functools.partial(_qcfs_loss, ops.qcfs, group.levels)
+    if impl == "eager":
+        return functools.partial(_qcfs_loss, reference.qcfs, group.levels)
+    if impl == "compile":  # the whole loss, so that inductor may fuse it with the activation
+        return torch.compile(functools.partial(_qcfs_loss, reference.qcfs, group.levels), dynamic=False)
+    raise ValueError(f"QCFS impl must be ours, eager or compile, got {impl!r}")
+
+
 def build_op_case(group: Group, impl: str, device: str, scale: str) -> Case:
-    """The callable of one impl of an IF or Rate Norm group, on the group's inputs at ``scale``."""
+    """The callable of one impl of an IF, Rate Norm or QCFS group, on the group's inputs at ``scale``."""
     inputs = _inputs(group.name, device, sizes_for(device, scale))
     x = inputs["x"]
     run: Callable[[], Any]
@@ -175,6 +200,14 @@ def build_op_case(group: Group, impl: str, device: str, scale: str) -> Case:
             def run() -> Tensor:
                 with torch.no_grad():
                     return spikes_of(x)
+
+        moved = bytes_moved(group, x)
+    elif group.op == "qcfs":
+        qcfs_loss_of = _qcfs_loss_fn(impl, group)
+        threshold, weight = inputs["threshold"], inputs["weight"]
+
+        def run() -> tuple[Tensor, ...]:
+            return torch.autograd.grad(qcfs_loss_of(x, threshold, weight), (x, threshold))
 
         moved = bytes_moved(group, x)
     else:

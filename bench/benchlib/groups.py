@@ -45,7 +45,7 @@ class Sizes:
 
     steps: int  #: T of the IF benchmarks
     neurons: int  #: N of the IF benchmarks (x is [T, N])
-    rnl_shape: tuple[int, ...]  #: input shape of the Rate Norm benchmark
+    rnl_shape: tuple[int, ...]  #: input shape of the Rate Norm and QCFS benchmarks
 
 
 def bench_scale() -> str:
@@ -77,7 +77,7 @@ class Group:
 
     name: str
     title: str
-    op: str  #: "if", "rate_norm", "e2e" or "tta" (time to accuracy)
+    op: str  #: "if", "rate_norm", "qcfs", "e2e" or "tta" (time to accuracy)
     impls: tuple[str, ...]
     dtype: torch.dtype = torch.float32  #: dtype of x
     spike_dtype: torch.dtype | None = None  #: IF spike dtype (None: x.dtype)
@@ -91,7 +91,7 @@ class Group:
     pool: bool = False
     #: Rate Norm groups: one running max and threshold per channel (dim 1 of x).
     channel_wise: bool = False
-    #: Rate Norm groups: rates quantized to this many levels (QCFS), None for none.
+    #: Rate Norm groups: rates quantized to this many levels (QCFS), None for none; QCFS groups: L.
     levels: int | None = None
 
 
@@ -133,6 +133,15 @@ GROUPS: tuple[Group, ...] = (
             ("q8", "quantized (L = 8)", False, 8),
             ("cw-q8", "channel-wise quantized (L = 8)", True, 8),
         )
+    ),
+    # The QCFS activation on the Rate Norm groups' inputs: λ·clamp(floor(x/λ·L + ½)/L, 0, 1).
+    Group(
+        "qcfs-fwd-bwd-fp32",
+        "QCFS (L = 8) forward+backward, loss (y*w).sum()",
+        "qcfs",
+        IMPLS[:4],
+        backward=True,
+        levels=8,
     ),
     *(_e2e_group(model, steps) for model in ("cnn7", "vgg16") for steps in (16, 64, 256)),
     Group(
@@ -182,7 +191,8 @@ class Case:
 
 
 def case_params(op: str) -> list[Any]:
-    """pytest parameters ``(device, group, impl)`` of every case of ``op`` ("if", "rate_norm", "e2e", "tta").
+    """pytest parameters ``(device, group, impl)`` of every case of ``op`` ("if", "rate_norm", "qcfs", "e2e",
+    "tta").
 
     CUDA cases carry the ``gpu`` mark and skip without CUDA; on CPU the Triton kernels are not
     benchmarked (the interpreter is not a performance path).

@@ -119,6 +119,13 @@ def check_levels(levels: object) -> int | None:
     return int(levels)
 
 
+def check_qcfs_levels(levels: object) -> int:
+    """QCFS's L: a positive int ≤ :data:`MAX_LEVELS` (None, no quantization, is not QCFS)."""
+    if isinstance(levels, bool) or not isinstance(levels, int) or not 1 <= levels <= MAX_LEVELS:
+        raise ValueError(f"levels must be a positive int (at most 2**24) for QCFS, got {levels!r}")
+    return int(levels)
+
+
 def check_channel_wise(channel_wise: object, x: Tensor | None = None) -> None:
     """A bool; when True, ``x`` (if given) must have a channel dim: ``[B, C, *]``, at least 2-D."""
     if not isinstance(channel_wise, bool):
