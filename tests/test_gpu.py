@@ -141,21 +141,32 @@ def test_qcfs_matches_reference_bit_for_bit(layout, dtype, levels):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("spikingjelly") is None, reason="spikingjelly not installed")
-def test_equals_spikingjelly_triton_backend():
+def test_equals_spikingjelly_on_cuda(monkeypatch):
+    # SpikingJelly 2.0's IFNode takes no backend= argument: on CUDA it picks its implementation
+    # from SJ_IF_CUDA_IMPLEMENTATION when its ops module is first imported (auto: native CUDA
+    # if the wheel was built with it, else Triton). Ask for Triton, the benchmarks' baseline;
+    # if another test imported SpikingJelly first, whichever CUDA path it chose must agree too.
+    monkeypatch.setenv("SJ_IF_CUDA_IMPLEMENTATION", "triton")
     from spikingjelly.activation_based import neuron
 
     x = torch.randn(32, 16, 4096, device="cuda") * 0.7 + 0.3
     ours = rnl_fast.IFSequence(v_threshold=1.0)(x)
-    try:
-        sj = neuron.IFNode(v_reset=None, step_mode="m", backend="triton").cuda()
-    except (ValueError, NotImplementedError, ImportError) as error:
-        pytest.skip(f"SpikingJelly's triton backend is unavailable: {error}")
-    assert torch.equal(ours, sj(x))
+    sj = neuron.IFNode(v_reset=None, step_mode="m").cuda()
+    spikes = sj(x)
+    assert spikes.is_cuda
+    assert torch.equal(ours, spikes)
 
 
-def test_simulation_on_gpu_matches_cpu():
+def test_simulation_on_gpu_matches_cpu(monkeypatch):
     from rnl_fast import conversion, models
 
+    # cuDNN convolves fp32 in TF32 by default (10-bit mantissa): outputs then differ from the CPU's
+    # by ~1e-3 and the tolerance below fails now and then (seen on an H200, 2026-12-04). The
+    # question here is whether the simulation computes the same thing, so compare in full fp32.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+    torch.manual_seed(0)
     model = models.cnn7("rnl")
     model.train()
     with torch.no_grad():
