@@ -45,29 +45,22 @@ def plot_accuracy(methods: Mapping[str, MethodResult], path: str | Path, title: 
     top = max(r.ann_accuracy for r in methods.values())
     low = min(r.target_accuracy for r in methods.values())
     zoom_floor = max(0.0, min(low, top - 3 * TARGET_MARGIN) - 2.0)
+    legends = {}
     for ax in (full, zoom):
+        curves = []
         for name, r in methods.items():
             steps = range(1, len(r.snn_accuracy) + 1)
-            ax.plot(steps, r.snn_accuracy, label=f"{name} (SNN)", color=colors[name], lw=1.8)
+            curves += ax.plot(steps, r.snn_accuracy, label=f"{name} (SNN)", color=colors[name], lw=1.8)
             if r.steps_to_target is not None:
                 ax.plot([r.steps_to_target], [r.snn_accuracy[r.steps_to_target - 1]], "o", color=colors[name], ms=6)
-        for accuracy, names in _ann_lines(methods).items():
-            ax.axhline(accuracy, color=colors[names[0]], ls="--", lw=1.0)
+        ann_lines = [
+            ax.axhline(accuracy, color=colors[names[0]], ls="--", lw=1.0, label=f"{', '.join(names)}: {accuracy:.2f}%")
+            for accuracy, names in sorted(_ann_lines(methods).items(), reverse=True)
+        ]
+        legends[ax] = curves if ax is full else ann_lines
         ax.set_xscale("log", base=2)
         ax.set_xlabel("time step t")
         ax.grid(alpha=0.3, which="both")
-    for i, (accuracy, names) in enumerate(sorted(_ann_lines(methods).items())):
-        zoom.annotate(
-            f"ANN of {', '.join(names)}: {accuracy:.2f}%",
-            xy=(1.0, accuracy),
-            xycoords=("axes fraction", "data"),
-            xytext=(-4, 3 + 9 * (i % 2)),
-            textcoords="offset points",
-            ha="right",
-            fontsize=8,
-            color=colors[names[0]],
-            bbox={"facecolor": "white", "alpha": 0.8, "linewidth": 0, "pad": 1},  # legible over the curves
-        )
     full.set_ylim(0, 100)
     full.set_ylabel("accuracy after t steps (%)")
     full.set_title("all steps", fontsize=10)
@@ -77,7 +70,11 @@ def plot_accuracy(methods: Mapping[str, MethodResult], path: str | Path, title: 
     if entered:  # the zoom starts a little before the first curve enters it
         zoom.set_xlim(max(1.0, min(entered) / 1.5), max(len(r.snn_accuracy) for r in methods.values()) * 1.1)
     zoom.set_title(f"near the top (dashed: ANN; dot: first step within {TARGET_MARGIN:g} point of it)", fontsize=10)
-    full.legend(loc="lower right", fontsize=8)
+    full.legend(handles=legends[full], loc="lower right", fontsize=8)
+    # The ANN lines are named in a legend, not beside the lines: ANNs 0.2 points apart would
+    # put their labels on top of each other. Late in the run every curve is near the top, so
+    # the lower right of the zoom is free.
+    zoom.legend(handles=legends[zoom], loc="lower right", fontsize=8, title="ANN accuracy (dashed)", title_fontsize=8)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=_DPI)
