@@ -131,6 +131,49 @@ class TrainingPlan:
     levels: int = QCFS_LEVELS
 
 
+def _train_stage1(
+    name: str, kwargs: dict, experiment: ExperimentData, plan: TrainingPlan, out: Path, common: dict
+) -> nn.Module:
+    """Build ``plan.model_name`` with ``kwargs`` from ``plan.seed``'s initial weights and run stage 1;
+    the checkpoint goes to ``out/{name}.pt``."""
+    net = models.build_model(plan.model_name, seed=plan.seed, **kwargs)
+    train.train_stage1(
+        net,
+        experiment.train,
+        epochs=plan.epochs,
+        val_loader=experiment.val,
+        readout_lr_scale=plan.readout_lr_scale,
+        checkpoint_path=out / f"{name}.pt",
+        model_name=plan.model_name,
+        model_kwargs=kwargs,
+        **common,
+    )
+    return net
+
+
+def _train_stage2(
+    source: str, name: str, kwargs: dict, experiment: ExperimentData, plan: TrainingPlan, out: Path, common: dict
+) -> nn.Module:
+    """Stage 2 (the Rate Inference Loss) on the stage-1 checkpoint ``out/{source}.pt``; the result
+    goes to ``out/{name}.pt``, recorded as built with ``kwargs`` and ``plan.shared_p``."""
+    net = train.model_from_checkpoint(out / f"{source}.pt", common["device"])
+    train.train_stage2(
+        net,
+        experiment.train,
+        experiment.val,
+        epochs=plan.stage2_epochs,
+        lam=plan.lam,
+        tolerance=plan.tolerance,
+        shared_p=plan.shared_p,
+        checks_per_epoch=plan.checks_per_epoch,
+        checkpoint_path=out / f"{name}.pt",
+        model_name=plan.model_name,
+        model_kwargs={**kwargs, "shared_p": plan.shared_p},
+        **common,
+    )
+    return net
+
+
 def train_paper_networks(
     experiment: ExperimentData,
     plan: TrainingPlan,
@@ -148,35 +191,11 @@ def train_paper_networks(
     for activation in ("relu", "rnl"):
         log(f"\n[stage 1] training {plan.model_name} with {activation.upper()} activations")
         kwargs = model_kwargs(activation, experiment.test_set)
-        nets[activation] = models.build_model(plan.model_name, seed=plan.seed, **kwargs)
-        train.train_stage1(
-            nets[activation],
-            experiment.train,
-            epochs=plan.epochs,
-            val_loader=experiment.val,
-            readout_lr_scale=plan.readout_lr_scale,
-            checkpoint_path=out / f"{activation}.pt",
-            model_name=plan.model_name,
-            model_kwargs=kwargs,
-            **common,
-        )
+        nets[activation] = _train_stage1(activation, kwargs, experiment, plan, out, common)
     p_kind = "one p shared by all layers" if plan.shared_p else "one p per layer"
     log(f"\n[stage 2] training the thresholds with the Rate Inference Loss (λ = {plan.lam}, {p_kind})")
-    nets["rnl_ril"] = train.model_from_checkpoint(out / "rnl.pt", device)
-    train.train_stage2(
-        nets["rnl_ril"],
-        experiment.train,
-        experiment.val,
-        epochs=plan.stage2_epochs,
-        lam=plan.lam,
-        tolerance=plan.tolerance,
-        shared_p=plan.shared_p,
-        checks_per_epoch=plan.checks_per_epoch,
-        checkpoint_path=out / "rnl_ril.pt",
-        model_name=plan.model_name,
-        model_kwargs={**model_kwargs("rnl", experiment.test_set), "shared_p": plan.shared_p},
-        **common,
-    )
+    kwargs = model_kwargs("rnl", experiment.test_set)
+    nets["rnl_ril"] = _train_stage2("rnl", "rnl_ril", kwargs, experiment, plan, out, common)
     return nets
 
 
@@ -200,38 +219,10 @@ def train_latency_networks(
         what = "QCFS layers" if activation == "qcfs" else "Rate Norm Layers with quantized rates"
         log(f"\n[stage 1] training {plan.model_name} with {what} (L = {plan.levels})")
         kwargs = {**model_kwargs(activation, experiment.test_set), "levels": plan.levels}
-        nets[source] = models.build_model(plan.model_name, seed=plan.seed, **kwargs)
-        train.train_stage1(
-            nets[source],
-            experiment.train,
-            epochs=plan.epochs,
-            val_loader=experiment.val,
-            readout_lr_scale=plan.readout_lr_scale,
-            checkpoint_path=out / f"{source}.pt",
-            model_name=plan.model_name,
-            model_kwargs=kwargs,
-            **common,
-        )
+        nets[source] = _train_stage1(source, kwargs, experiment, plan, out, common)
     log(f"\n[stage 2] training the quantized network's thresholds with the Rate Inference Loss (λ = {plan.lam})")
-    nets["rnl_qcfs"] = train.model_from_checkpoint(out / "rnl_q.pt", device)
-    train.train_stage2(
-        nets["rnl_qcfs"],
-        experiment.train,
-        experiment.val,
-        epochs=plan.stage2_epochs,
-        lam=plan.lam,
-        tolerance=plan.tolerance,
-        shared_p=plan.shared_p,
-        checks_per_epoch=plan.checks_per_epoch,
-        checkpoint_path=out / "rnl_qcfs.pt",
-        model_name=plan.model_name,
-        model_kwargs={
-            **model_kwargs("rnl", experiment.test_set),
-            "levels": plan.levels,
-            "shared_p": plan.shared_p,
-        },
-        **common,
-    )
+    kwargs = {**model_kwargs("rnl", experiment.test_set), "levels": plan.levels}
+    nets["rnl_qcfs"] = _train_stage2("rnl_q", "rnl_qcfs", kwargs, experiment, plan, out, common)
     return {"qcfs": nets["qcfs"], "rnl_qcfs": nets["rnl_qcfs"]}
 
 
