@@ -88,8 +88,13 @@ def plot_k_curves(methods: Mapping[str, MethodResult], path: str | Path, title: 
     with_k = {name: r for name, r in methods.items() if r.k_curves}
     if not with_k:
         return
-    fig, axes = plt.subplots(1, len(with_k), figsize=(4 * len(with_k), 4.0), sharey=True, squeeze=False)
-    for ax, (name, r) in zip(axes[0], with_k.items()):
+    # A near-square grid: nine methods in one row made panels too thin to read.
+    cols = math.ceil(math.sqrt(len(with_k)))
+    rows = math.ceil(len(with_k) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.6 * rows), sharey=True, squeeze=False)
+    for ax in axes.flat[len(with_k) :]:
+        ax.set_visible(False)
+    for ax, (name, r) in zip(axes.flat, with_k.items()):
         cmap = plt.get_cmap("viridis", max(len(r.k_curves), 2))
         for i, (layer, curve) in enumerate(r.k_curves.items()):
             label = r.layer_labels.get(layer, layer)
@@ -101,7 +106,8 @@ def plot_k_curves(methods: Mapping[str, MethodResult], path: str | Path, title: 
         ax.set_xlabel("time step t")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7, title="neurons after", title_fontsize=7, ncol=2 if len(r.k_curves) > 6 else 1)
-    axes[0][0].set_ylabel("K(t) = ‖r(t) − r̂‖² / ‖r̂‖²")
+    for row in axes:
+        row[0].set_ylabel("K(t) = ‖r(t) − r̂‖² / ‖r̂‖²")
     k_images = max(r.k_images for r in with_k.values())
     fig.suptitle(f"{title}; K over the first {k_images} images (dotted: K = 1)", fontsize=10)
     fig.tight_layout()
