@@ -18,17 +18,30 @@ from .ops._checks import check_channel_wise, check_levels, check_qcfs_levels
 #: The raw logit that ``p_init = 1.0`` maps to: p = sigmoid(10) ≈ 0.99995, as the official code.
 RAW_P_MAX = 10.0
 
+#: :attr:`IFSequence.step_mode` values, SpikingJelly's: multi-step ``[T, B, ...]``, single-step ``[B, ...]``.
+STEP_MODES = ("m", "s")
+
 
 class IFSequence(nn.Module):
     """Multi-step integrate-and-fire neurons with soft (or hard) reset, one kernel per call.
 
-    A drop-in for SpikingJelly's ``IFNode(v_reset=None, step_mode="m")``: ``forward(x: [T, B, ...])
-    → spikes [T, B, ...]``. The membrane ``.v`` carries over between calls until :meth:`reset`,
-    so feeding x in chunks of steps gives exactly the spikes of one call (and, with gradients,
-    exact backpropagation through time across the chunks).
+    A drop-in for SpikingJelly's ``IFNode(v_reset=None, step_mode=...)``. The membrane ``.v``
+    carries over between calls until :meth:`reset`, so feeding x in chunks of steps gives exactly
+    the spikes of one call (and, with gradients, exact backpropagation through time across the
+    chunks). ``step_mode`` (SpikingJelly's meaning, settable at any time) says what one call takes:
+
+    - ``"m"`` (default): ``x: [T, B, ...]`` → spikes ``[T, B, ...]``, all T steps in one kernel.
+    - ``"s"``: one step, ``x: [B, ...]`` → spikes ``[B, ...]``; a loop ``for t in range(T):
+      y[t] = layer(x[t])`` gives exactly the spikes, ``.v`` and counts of one ``"m"`` call on x
+      (and the same gradients), at one kernel launch per step instead of one per call.
+
+    The layer cannot tell a ``[T, B, ...]`` input from a ``[B, ...]`` one: in ``"s"`` mode a
+    multi-step input is taken as one step of a larger batch (and, with a carried membrane, fails
+    its shape check). :meth:`forward_pool2x2` is multi-step in both modes.
 
     Attributes:
         v: ``[B, ...]`` membrane after the last step (float32; None before the first call).
+        step_mode: ``"m"`` or ``"s"`` (see above); anything else raises ValueError on set.
         step_spike_counts: ``[steps]`` int64, one entry per step simulated since reset: spikes
             summed over batch and neurons (the input of the energy model, paper Eq. 14).
         neuron_spike_counts: ``[B, ...]`` int64, spikes per neuron summed over steps since reset.
@@ -43,7 +56,19 @@ class IFSequence(nn.Module):
         spike_dtype: None (the input's dtype), ``torch.uint8`` or ``torch.bool`` for inference.
         count_neurons: keep ``neuron_spike_counts`` (False: it stays None and the kernels skip
             the per-neuron counts; the step counts, all the energy model needs, are kept).
+        step_mode: ``"m"`` (``[T, B, ...]`` per call) or ``"s"`` (``[B, ...]`` per call).
+
+    SpikingJelly: ``functional.set_step_mode(net, mode)`` and ``functional.reset_net(net)`` work on
+    nets holding these layers without rnl_fast importing SpikingJelly (an optional dependency). Both
+    find modules by duck typing: set_step_mode assigns ``m.step_mode`` on every module that has
+    the attribute, reset_net calls ``m.reset()`` on every module that has the method. Their
+    ``isinstance(m, base.StepModule / MemoryModule)`` checks only choose whether to log a warning
+    (plain classes, not ABCs, so no registration could satisfy them short of inheriting them),
+    so each call logs one warning per IFSequence and then does the right thing.
     """
+
+    # Class-level default: instances unpickled from before step_mode existed are multi-step.
+    _step_mode: str = "m"
 
     def __init__(
         self,
@@ -55,8 +80,10 @@ class IFSequence(nn.Module):
         detach_reset: bool = False,
         spike_dtype: torch.dtype | None = None,
         count_neurons: bool = True,
+        step_mode: str = "m",
     ) -> None:
         super().__init__()
+        self.step_mode = step_mode
         if surrogate not in SURROGATES:
             raise ValueError(f"surrogate must be one of {SURROGATES}, got {surrogate!r}")
         if isinstance(v_threshold, Tensor):
@@ -80,6 +107,17 @@ class IFSequence(nn.Module):
         # The carried state may hang on an autograd graph: copies and pickles start reset.
         return {**super().__getstate__(), "v": None, "step_spike_counts": None, "_neuron_counts": None}
 
+    @property
+    def step_mode(self) -> str:
+        """``"m"``: a call takes ``[T, B, ...]``; ``"s"``: a call takes one step ``[B, ...]``."""
+        return self._step_mode
+
+    @step_mode.setter
+    def step_mode(self, value: str) -> None:
+        if value not in STEP_MODES:
+            raise ValueError(f"step_mode must be one of {STEP_MODES}, got {value!r}")
+        self._step_mode = value
+
     def reset(self) -> None:
         """Forget the membrane and the spike counts (call between independent inputs)."""
         self.v = None
@@ -87,7 +125,14 @@ class IFSequence(nn.Module):
         self._neuron_counts = None
 
     def forward(self, x: Tensor) -> Tensor:
-        """``x: [T, B, ...]`` input current → spikes ``[T, B, ...]``."""
+        """``"m"``: ``x: [T, B, ...]`` input current → spikes ``[T, B, ...]``; ``"s"``: one step,
+        ``x: [B, ...]`` → spikes ``[B, ...]`` (the same kernel on ``x.unsqueeze(0)``)."""
+        if self._step_mode == "s":
+            return self._forward_steps(x.unsqueeze(0)).squeeze(0)
+        return self._forward_steps(x)
+
+    def _forward_steps(self, x: Tensor) -> Tensor:
+        """``x: [T, B, ...]`` → spikes ``[T, B, ...]``, carrying membrane and counts."""
         result = ops.if_sequence(
             x,
             v_th=self.v_threshold,
@@ -151,7 +196,8 @@ class IFSequence(nn.Module):
         th = self.v_threshold
         th_text = f"tensor{tuple(th.shape)}" if isinstance(th, Tensor) else f"{th:g}"
         reset = "soft" if self.v_reset is None else f"hard to {self.v_reset:g}"
-        return f"v_threshold={th_text}, reset={reset}, surrogate={self.surrogate}(width={self.width:g})"
+        mode = "" if self._step_mode == "m" else f", step_mode={self._step_mode}"
+        return f"v_threshold={th_text}, reset={reset}, surrogate={self.surrogate}(width={self.width:g}){mode}"
 
 
 def raw_from_p(p: float) -> float:
