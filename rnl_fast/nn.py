@@ -63,8 +63,8 @@ class IFSequence(nn.Module):
     find modules by duck typing: set_step_mode assigns ``m.step_mode`` on every module that has
     the attribute, reset_net calls ``m.reset()`` on every module that has the method. Their
     ``isinstance(m, base.StepModule / MemoryModule)`` checks only choose whether to log a warning
-    (plain classes, not ABCs, so no registration could satisfy them short of inheriting them),
-    so each call logs one warning per IFSequence and then does the right thing.
+    (plain classes, not ABCs, so no registration could satisfy them short of inheriting them);
+    the warning goes to SpikingJelly's logger, disabled unless the user enables it.
     """
 
     # Class-level default: instances unpickled from before step_mode existed are multi-step.
