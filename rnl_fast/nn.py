@@ -37,7 +37,7 @@ class IFSequence(nn.Module):
 
     The layer cannot tell a ``[T, B, ...]`` input from a ``[B, ...]`` one: in ``"s"`` mode a
     multi-step input is taken as one step of a larger batch (and, with a carried membrane, fails
-    its shape check). :meth:`forward_pool2x2` is multi-step in both modes.
+    its shape check). :meth:`forward_steps` and :meth:`forward_pool2x2` are multi-step in both modes.
 
     Attributes:
         v: ``[B, ...]`` membrane after the last step (float32; None before the first call).
@@ -128,11 +128,13 @@ class IFSequence(nn.Module):
         """``"m"``: ``x: [T, B, ...]`` input current → spikes ``[T, B, ...]``; ``"s"``: one step,
         ``x: [B, ...]`` → spikes ``[B, ...]`` (the same kernel on ``x.unsqueeze(0)``)."""
         if self._step_mode == "s":
-            return self._forward_steps(x.unsqueeze(0)).squeeze(0)
-        return self._forward_steps(x)
+            return self.forward_steps(x.unsqueeze(0)).squeeze(0)
+        return self.forward_steps(x)
 
-    def _forward_steps(self, x: Tensor) -> Tensor:
-        """``x: [T, B, ...]`` → spikes ``[T, B, ...]``, carrying membrane and counts."""
+    def forward_steps(self, x: Tensor) -> Tensor:
+        """``x: [T, B, ...]`` → spikes ``[T, B, ...]`` in either step mode: :meth:`forward` in
+        ``"m"``, for callers that step time themselves (the simulator, whose network a user may
+        hand to SpikingJelly's ``set_step_mode``)."""
         result = ops.if_sequence(
             x,
             v_th=self.v_threshold,

@@ -105,6 +105,30 @@ def test_copies_keep_step_mode():
         assert clone.step_mode == "s" and clone.v is None
 
 
+def test_converted_network_ignores_step_mode(backend):
+    """A SpikingNetwork steps time itself (snn(x, T)): its neurons stay multi-step when a user sets
+    step_mode on every module (as SpikingJelly's set_step_mode does)."""
+    ann = nn.Sequential(
+        nn.Conv2d(1, 4, 3),
+        rnl_fast.RateNorm(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),  # fused pooling
+        nn.Linear(36, 5),
+        rnl_fast.RateNorm(),
+        nn.Linear(5, 3),  # plain neurons
+    )
+    with torch.no_grad():
+        ann[4].bias.fill_(0.6)  # the plain neurons spike
+    snn = rnl_fast.convert(ann, "rnl")
+    x = torch.rand(2, 1, 8, 8)
+    before = snn(x, 5)
+    neurons = [m for m in snn.modules() if isinstance(m, rnl_fast.IFSequence)]
+    assert len(neurons) == 2 and all(m.step_spike_counts.sum() > 0 for m in neurons)
+    for m in neurons:
+        m.step_mode = "s"
+    assert torch.equal(snn(x, 5), before)
+
+
 @pytest.mark.skipif(not HAS_SPIKINGJELLY, reason="spikingjelly not installed")
 def test_spikingjelly_set_step_mode_and_reset_net():
     from spikingjelly.activation_based import functional

@@ -122,7 +122,9 @@ class SpikingNeurons(nn.Module):
                 pooled = self.neurons.forward_pool2x2(current, 1.0, pool.ceil_mode).flatten(0, 1)
                 return pooled * self.per_channel(weight, pooled.dim()).to(pooled.dtype)
             return self.neurons.forward_pool2x2(current, weight, pool.ceil_mode).flatten(0, 1)
-        spikes = self.neurons(current)
+        # Multi-step whatever neurons.step_mode says: this layer steps time itself ([T·B, ...] in,
+        # T from the network's call), so SpikingJelly's set_step_mode on a SpikingNetwork is inert.
+        spikes = self.neurons.forward_steps(current)
         if self.observer is not None:
             self.observer(spikes)
         out = spikes.flatten(0, 1)
