@@ -324,7 +324,8 @@ PYBIND11_MODULE(_C, m) {
       .value("hard", Reset::kHard);
   py::enum_<Surrogate>(m, "Surrogate", "The surrogate spike derivative: rnl_fast.numerics.SURROGATES.")
       .value("atan", Surrogate::kAtan)
-      .value("rectangle", Surrogate::kRectangle);
+      .value("rectangle", Surrogate::kRectangle)
+      .value("sigmoid", Surrogate::kSigmoid);
 
   def_keywords(m, "if_forward", &py_if_forward, "IF neurons over T steps: spikes, final membrane, spike counts.",
                RNL_FAST_IF_INPUT, "v_reset", "reset", "spikes", "spikes_len", "spike_dtype", RNL_FAST_IF_STATE,

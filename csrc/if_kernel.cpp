@@ -36,6 +36,11 @@ inline Acc surrogate_grad(Acc u, Surrogate surrogate, Acc width) {
     const Acc z = static_cast<Acc>(M_PI) * u / width;
     return (Acc(1) / width) / (Acc(1) + z * z);
   }
+  if (surrogate == Surrogate::kSigmoid) {
+    // (1/w)·S(u/w)·(1 − S(u/w)) as (1/w)·e/(1 + e)², e = exp(−|u/w|) ≤ 1 (reference.py).
+    const Acc e = std::exp(-std::abs(u / width));
+    return (Acc(1) / width) * e / ((Acc(1) + e) * (Acc(1) + e));
+  }
   return std::abs(u) < Acc(0.5) * width ? Acc(1) / width : Acc(0);
 }
 
@@ -140,6 +145,9 @@ void backward_block_sg(Surrogate surrogate, const In* grad_spikes, const In* x, 
   if (surrogate == Surrogate::kAtan) {
     backward_block<HARD, DETACH, Surrogate::kAtan>(grad_spikes, x, shape, j0, n, block, th, v_reset, width, v,
                                                    grad_v, membrane, grad_x);
+  } else if (surrogate == Surrogate::kSigmoid) {
+    backward_block<HARD, DETACH, Surrogate::kSigmoid>(grad_spikes, x, shape, j0, n, block, th, v_reset, width, v,
+                                                      grad_v, membrane, grad_x);
   } else {
     backward_block<HARD, DETACH, Surrogate::kRectangle>(grad_spikes, x, shape, j0, n, block, th, v_reset, width, v,
                                                         grad_v, membrane, grad_x);

@@ -10,8 +10,8 @@ namespace rnl_fast {
 // Which membrane reset follows a spike (rnl_fast._C.Reset.soft / .hard in Python).
 enum class Reset { kSoft, kHard };
 // The surrogate derivative of the Heaviside step used by the backward pass (reference.py); Python
-// passes it by name, rnl_fast._C.Surrogate.atan / .rectangle (rnl_fast.numerics.SURROGATES).
-enum class Surrogate { kAtan, kRectangle };
+// passes it by name, rnl_fast._C.Surrogate.atan / .rectangle / .sigmoid (rnl_fast.numerics.SURROGATES).
+enum class Surrogate { kAtan, kRectangle, kSigmoid };
 
 // A per-neuron parameter given either once for all neurons (len 1) or per neuron (len N).
 template <typename Acc>

@@ -76,13 +76,17 @@ def _load_neuron_state(
 @triton.jit
 def _surrogate_grad(
     u,  # [BLOCK] m − v_th, compute dtype
-    SURROGATE: tl.constexpr,  # its name: "atan" or "rectangle" (rnl_fast.numerics.SURROGATES)
+    SURROGATE: tl.constexpr,  # its name: "atan", "rectangle" or "sigmoid" (rnl_fast.numerics.SURROGATES)
     WIDTH: tl.constexpr,  # full width w of the surrogate, in membrane units
 ):
     """σ'(u), written in the same order of operations as ``reference.surrogate_grad``."""
     if SURROGATE == "atan":
         z = _PI * u / WIDTH
         grad = (1.0 / WIDTH) / (1.0 + z * z)
+    elif SURROGATE == "sigmoid":
+        # (1/w)·S(u/w)·(1 − S(u/w)) as (1/w)·e/(1 + e)², e = exp(−|u/w|) ≤ 1: no overflow.
+        e = tl.exp(-tl.abs(u / WIDTH))
+        grad = (1.0 / WIDTH) * e / ((1.0 + e) * (1.0 + e))
     else:
         # Cast the mask before dividing so that 1/w is computed in the compute dtype (float64 too).
         grad = (tl.abs(u) < 0.5 * WIDTH).to(u.dtype) / WIDTH
@@ -162,7 +166,7 @@ def _if_bwd_kernel(
     V_INIT_PER_NEURON: tl.constexpr,  # v_init has N elements (else one for all neurons)
     HARD_RESET: tl.constexpr,  # hard reset to V_RESET instead of soft reset by subtraction
     V_RESET: tl.constexpr,  # hard-reset potential
-    SURROGATE: tl.constexpr,  # surrogate name, "atan" or "rectangle"
+    SURROGATE: tl.constexpr,  # surrogate name, "atan", "rectangle" or "sigmoid"
     WIDTH: tl.constexpr,  # surrogate width w > 0
     DETACH_RESET: tl.constexpr,  # no gradient through the reset term
     BLOCK: tl.constexpr,  # neurons per program
@@ -313,7 +317,7 @@ def if_bwd(
         grad_spikes: ``[T, N]`` contiguous float gradient of the spikes, or None for zeros.
         grad_v_final: ``[N]`` compute-dtype gradient of the final membrane, or None for zeros.
         x, v_th, v_init, v_reset, hard_reset: as in :func:`if_fwd`.
-        surrogate: ``"atan"`` or ``"rectangle"`` (``reference.surrogate_grad``).
+        surrogate: ``"atan"``, ``"rectangle"`` or ``"sigmoid"`` (``reference.surrogate_grad``).
         width: surrogate width w > 0, in membrane units.
         detach_reset: no gradient through the reset term.
         grad_x: ``[T, N]`` contiguous out in ``x.dtype`` (full size even when ``x.stride(0) == 0``).

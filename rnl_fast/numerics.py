@@ -14,7 +14,7 @@ THETA_EPS = 1e-6
 #: Added to ‖r̂‖₂² in the Rate Inference Loss Ω = ‖r̂‖₁ / (‖r̂‖₂² + OMEGA_EPS) (official RNL code).
 OMEGA_EPS = 1e-5
 #: Names of the surrogate derivatives of the Heaviside step that the IF backward pass can use.
-SURROGATES = ("atan", "rectangle")
+SURROGATES = ("atan", "rectangle", "sigmoid")
 #: The input dtypes of every op.
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 

@@ -22,17 +22,27 @@ from .numerics import OMEGA_EPS, SURROGATES, THETA_EPS, compute_dtype_of
 def surrogate_grad(u: Tensor, surrogate: str, width: float) -> Tensor:
     """Derivative of the smooth stand-in for the Heaviside step H(u), u = m − v_th.
 
-    Both shapes integrate to 1 over u and have a full width of about ``width`` (in the units of
-    the membrane potential):
+    Every shape integrates to 1 over u, and ``width`` w (in the units of the membrane potential)
+    scales it along u; each is one of SpikingJelly 2.0's surrogates with alpha a function of w:
 
     - ``"atan"``: σ'(u) = (1/w) / (1 + (π·u/w)²), the derivative of ½ + atan(π·u/w)/π.
-      ``width = 1`` is SpikingJelly's default ``surrogate.ATan(alpha=2)`` (w = 2/alpha).
+      SpikingJelly's ``surrogate.ATan(alpha)`` with w = 2/alpha (``width = 1``: its ``ATan()``,
+      alpha = 2).
     - ``"rectangle"``: σ'(u) = 1/w where |u| < w/2, else 0 (straight-through within a window).
+      SpikingJelly's ``surrogate.Rect(alpha)`` with w = 1/alpha.
+    - ``"sigmoid"``: σ'(u) = (1/w)·S(u/w)·(1 − S(u/w)), S the logistic sigmoid, the derivative
+      of S(u/w). SpikingJelly's ``surrogate.Sigmoid(alpha)`` with w = 1/alpha (``width = 0.25``:
+      its ``Sigmoid()``, alpha = 4, the default surrogate of its ``IFNode``). Evaluated as
+      (1/w)·e/(1 + e)² with e = exp(−|u/w|) ≤ 1: no overflow, no cancellation in 1 − S, exactly
+      1/(4w) at u = 0, and 0 rather than NaN far from the threshold.
     """
     if surrogate == "atan":
         return (1.0 / width) / (1.0 + (math.pi * u / width) ** 2)
     if surrogate == "rectangle":
         return (u.abs() < 0.5 * width).to(u.dtype) / width
+    if surrogate == "sigmoid":
+        e = torch.exp(-(u / width).abs())
+        return (1.0 / width) * e / ((1.0 + e) * (1.0 + e))
     raise ValueError(f"surrogate must be one of {SURROGATES}, got {surrogate!r}")
 
 

@@ -17,6 +17,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from rnl_fast.kernels import if_kernels, if_pool_kernels, qcfs_kernels, rate_norm_kernels
+from rnl_fast.numerics import SURROGATES
 
 TARGET = GPUTarget("cuda", 90, 32)
 # (storage dtype of x and of the tensors shaped like it, compute dtype)
@@ -84,7 +85,7 @@ KERNELS = {
             V_INIT_PER_NEURON=(False,),
             HARD_RESET=(False, True),
             V_RESET=(0.0,),
-            SURROGATE=("atan", "rectangle"),
+            SURROGATE=SURROGATES,
             WIDTH=(1.0,),
             DETACH_RESET=(False, True),
             BLOCK=(512,),

@@ -12,10 +12,10 @@ from rnl_fast import _C
 from rnl_fast.numerics import FLOAT_DTYPES, SURROGATES
 
 
-def _if_args(requires_grad: bool):
+def _if_args(requires_grad: bool, surrogate: str = "atan"):
     x = (torch.randn(6, 3, 5) * 0.8 + 0.3).requires_grad_(requires_grad)
     v_th, v_init = torch.tensor(0.7), (torch.randn(3, 5) * 0.1).requires_grad_(requires_grad)
-    return (x, v_th, v_init, 0.0, False, "atan", 1.0, False, torch.float32, True)
+    return (x, v_th, v_init, 0.0, False, surrogate, 1.0, False, torch.float32, True)
 
 
 @pytest.mark.parametrize("requires_grad", [False, True], ids=["no-grad", "grad"])
@@ -25,9 +25,16 @@ def test_opcheck_if(requires_grad, count_neurons):
     torch.library.opcheck(torch.ops.rnl_fast.if_forward.default, args)
 
 
-def test_opcheck_if_backward():
+@pytest.mark.parametrize("surrogate", SURROGATES)
+def test_opcheck_if_grad_each_surrogate(surrogate):
+    """The autograd registration with each surrogate (the forward is the same for all)."""
+    torch.library.opcheck(torch.ops.rnl_fast.if_forward.default, _if_args(True, surrogate))
+
+
+@pytest.mark.parametrize("surrogate", SURROGATES)
+def test_opcheck_if_backward(surrogate):
     x, v_th, v_init, *rest = _if_args(False)
-    args = (torch.randn(6, 3, 5), torch.randn(3, 5), x, v_th, v_init, 0.0, False, "atan", 1.0, False)
+    args = (torch.randn(6, 3, 5), torch.randn(3, 5), x, v_th, v_init, 0.0, False, surrogate, 1.0, False)
     torch.library.opcheck(torch.ops.rnl_fast.if_backward.default, args)
 
 

@@ -39,9 +39,7 @@ from rnl_fast import _C, ops
         pytest.param(torch.ones(4, 3), dict(v_init=torch.ones(5, 3)), ValueError, "v_init of shape", id="v_init-shape"),
         pytest.param(torch.ones(4, 3), dict(v_init=math.nan), ValueError, "v_init must be finite", id="v_init-nan"),
         pytest.param(torch.ones(4, 3), dict(spike_dtype=torch.int32), ValueError, "spike_dtype", id="spike-dtype"),
-        pytest.param(
-            torch.ones(4, 3), dict(surrogate="sigmoid"), ValueError, "surrogate must be one of", id="surrogate"
-        ),
+        pytest.param(torch.ones(4, 3), dict(surrogate="erf"), ValueError, "surrogate must be one of", id="surrogate"),
         pytest.param(torch.ones(4, 3), dict(width=0.0), ValueError, "width", id="width"),
         pytest.param(torch.ones(4, 3), dict(v_reset=math.inf), ValueError, "v_reset", id="v_reset-inf"),
     ],

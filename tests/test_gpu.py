@@ -12,6 +12,7 @@ import torch
 
 import rnl_fast
 from rnl_fast import ops, reference
+from rnl_fast.numerics import SURROGATES
 from rnl_fast.ops import IFResult, RateNormResult
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -67,12 +68,13 @@ def test_if_pool_matches_reference(ceil_mode, dtype):
 
 
 @pytest.mark.parametrize("v_reset", [None, 0.0], ids=["soft", "hard"])
-def test_if_backward_matches_reference(v_reset):
+@pytest.mark.parametrize("surrogate", SURROGATES)
+def test_if_backward_matches_reference(v_reset, surrogate):
     x = (torch.randn(40, 8, 300, device="cuda") * 0.8 + 0.3).requires_grad_()
     w = torch.randn_like(x)
+    kwargs = dict(v_th=0.8, v_reset=v_reset, surrogate=surrogate)
     grads = [
-        torch.autograd.grad((fn(x, v_th=0.8, v_reset=v_reset)[0] * w).sum(), x)[0]
-        for fn in (ops.if_sequence, reference.if_sequence)
+        torch.autograd.grad((fn(x, **kwargs)[0] * w).sum(), x)[0] for fn in (ops.if_sequence, reference.if_sequence)
     ]
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
 

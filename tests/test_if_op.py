@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
 from rnl_fast import ops, reference
+from rnl_fast.numerics import SURROGATES
 from rnl_fast.ops import IFResult
 
 
@@ -165,7 +168,7 @@ def test_outputs_are_fully_written(backend, poisoned_allocations):
 
 
 @pytest.mark.parametrize("v_reset", [None, 0.1], ids=["soft", "hard"])
-@pytest.mark.parametrize("surrogate", ["atan", "rectangle"])
+@pytest.mark.parametrize("surrogate", SURROGATES)
 @pytest.mark.parametrize("detach_reset", [False, True], ids=["reset-grad", "detach-reset"])
 def test_backward_matches_reference(backend, v_reset, surrogate, detach_reset):
     x = _current(17, 3, 13).requires_grad_()
@@ -222,3 +225,75 @@ def test_byte_spikes_carry_no_gradient(backend):
     assert not out.spikes.requires_grad
     out.v.sum().backward()  # the membrane still carries a gradient
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("surrogate", SURROGATES)
+def test_backward_fp64_matches_reference(backend, surrogate):
+    """float64 input: the surrogate is evaluated in float64 on every backend."""
+    x = _current(12, 2, 9, dtype=torch.float64).requires_grad_()
+    weight = torch.randn(12, 2, 9, dtype=torch.float64)
+    kwargs = dict(v_th=0.8, surrogate=surrogate, width=0.3)
+    grads = [
+        torch.autograd.grad((fn(x, **kwargs)[0] * weight).sum(), x)[0]
+        for fn in (ops.if_sequence, reference.if_sequence)
+    ]
+    assert grads[0].dtype == torch.float64
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)
+
+
+def _spike_grad_of_one_step(u: torch.Tensor, width: float) -> torch.Tensor:
+    """d spikes[0] / d x[0] with T = 1, v_th = 1, v_init = 0: σ'(x − 1), the sigmoid surrogate alone."""
+    x = (1.0 + u).unsqueeze(0).requires_grad_()
+    out = ops.if_sequence(x, v_th=1.0, surrogate="sigmoid", width=width)
+    (grad,) = torch.autograd.grad(out.spikes.sum(), x)
+    return grad[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("width", [0.25, 0.7])
+def test_sigmoid_surrogate_at_the_threshold(backend, dtype, width):
+    """m − θ = 0 exactly (1 + 0 − 1): σ'(0) = S(0)·(1 − S(0))/w = 1/(4w), SpikingJelly's alpha/4."""
+    grad = _spike_grad_of_one_step(torch.zeros(3, dtype=dtype), width)
+    expected = torch.full((3,), (1.0 / width) / 4, dtype=dtype)
+    torch.testing.assert_close(grad, expected, rtol=1e-7 if dtype == torch.float32 else 1e-15, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_sigmoid_surrogate_far_from_the_threshold(backend, dtype):
+    """|m − θ|/w from 100 to 1e30: the gradient is 0 (or a subnormal at 100/w), never NaN or inf;
+    an exp(+|z|) or a 1 − S(z) would overflow or cancel here."""
+    width = 0.5
+    z = torch.tensor([100.0, 1e3, 1e4, 1e30], dtype=dtype)
+    grad = _spike_grad_of_one_step(torch.cat([z, -z]) * width, width)
+    assert torch.isfinite(grad).all() and (grad >= 0).all()
+    assert (grad <= 1e-40).all(), grad  # true value 2·exp(−100) ≈ 7e−44 at |z| = 100
+    assert (grad[[1, 2, 3, 5, 6, 7]] == 0).all()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("spikingjelly") is None, reason="spikingjelly not installed")
+def test_sigmoid_surrogate_equals_spikingjelly_sigmoid():
+    """reference.surrogate_grad(u, "sigmoid", 1/alpha) is SpikingJelly 2.0's sigmoid_backward(u, alpha),
+    alpha·S(alpha·u)·(1 − S(alpha·u)), to 1e-6 relative in float64 over |alpha·u| ≤ 20. (Not to the last
+    bit: SpikingJelly's 1 − S(alpha·u) cancels for large alpha·u, 5e-8 relative at 20; ours does not.)"""
+    from spikingjelly.activation_based.surrogate import sigmoid_backward
+
+    for alpha in (4.0, 1.0, 2.5, 10.0):
+        u = torch.linspace(-20.0, 20.0, 4001, dtype=torch.float64) / alpha
+        ours = reference.surrogate_grad(u, "sigmoid", 1.0 / alpha)
+        theirs, _ = sigmoid_backward(torch.ones_like(u), u, alpha)
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("spikingjelly") is None, reason="spikingjelly not installed")
+def test_atan_and_rectangle_equal_spikingjelly_atan_and_rect():
+    """The README's table: "atan" with width w is SpikingJelly's ATan(alpha=2/w), "rectangle" is
+    Rect(alpha=1/w) (alpha/2/(1 + (π/2·alpha·u)²) and alpha·[|u| < 0.5/alpha] in its source)."""
+    from spikingjelly.activation_based.surrogate import atan_backward, rect_backward
+
+    u = torch.linspace(-3.0, 3.0, 6001, dtype=torch.float64)
+    for width in (1.0, 0.5, 0.7, 2.0):
+        theirs, _ = atan_backward(torch.ones_like(u), u, 2.0 / width)
+        torch.testing.assert_close(reference.surrogate_grad(u, "atan", width), theirs, rtol=1e-12, atol=0)
+    for width in (1.0, 0.5, 0.25, 2.0):  # dyadic: 0.5/alpha is then exactly w/2, the same window edge
+        theirs, _ = rect_backward(torch.ones_like(u), u, 1.0 / width)
+        assert torch.equal(reference.surrogate_grad(u, "rectangle", width), theirs)

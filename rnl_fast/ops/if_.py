@@ -185,8 +185,10 @@ def if_sequence(
             membrane carried from an earlier call (NaN there: a neuron silenced by a NaN input).
         v_reset: ``None`` for soft reset, else the hard-reset potential.
         surrogate, width: surrogate derivative of the Heaviside step in the backward pass,
-            ``"atan"`` (width 1 = SpikingJelly's ``ATan(alpha=2)``) or ``"rectangle"``
-            (:func:`rnl_fast.reference.surrogate_grad`).
+            ``"atan"`` (width w = SpikingJelly's ``ATan(alpha=2/w)``), ``"rectangle"``
+            (``Rect(alpha=1/w)``) or ``"sigmoid"`` (``Sigmoid(alpha=1/w)``; width 0.25 is
+            SpikingJelly's ``IFNode`` default, ``Sigmoid(alpha=4)``); see
+            :func:`rnl_fast.reference.surrogate_grad`.
         detach_reset: no gradient through the reset term.
         spike_dtype: ``None`` (= ``x.dtype``), ``x.dtype``, ``torch.uint8`` or ``torch.bool``;
             byte spikes cut the bytes written for inference and carry no gradient.
