@@ -60,6 +60,37 @@ def test_equals_spikingjelly_ifnode(v_reset):
     functional.reset_net(sj)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("spikingjelly") is None, reason="spikingjelly not installed")
+@pytest.mark.parametrize("v_reset", [None, 0.0], ids=["soft", "hard"])
+@pytest.mark.parametrize("detach_reset", [False, True], ids=["reset-grad", "detach-reset"])
+@pytest.mark.parametrize("alpha", [None, 1.5], ids=["sj-default", "alpha1.5"])
+def test_sigmoid_gradient_equals_spikingjelly_ifnode(backend, v_reset, detach_reset, alpha):
+    """surrogate="sigmoid", width=1/alpha is SpikingJelly's Sigmoid(alpha): the gradients of a multi-step
+    IFNode, to 1e-6 relative (float64, so that only the surrogate can differ, not the order of the
+    float32 additions). alpha None: IFNode's default surrogate, which is Sigmoid(alpha=4), width 0.25."""
+    from spikingjelly.activation_based import functional, neuron, surrogate
+
+    x = torch.randn(40, 4, 33, dtype=torch.float64) * 0.7 + 0.3
+    options = dict(v_threshold=0.9, v_reset=v_reset, detach_reset=detach_reset, step_mode="m")
+    if alpha is None:
+        sj = neuron.IFNode(**options)
+        assert type(sj.surrogate_function) is surrogate.Sigmoid and sj.surrogate_function.alpha == 4.0
+        width = 0.25
+    else:
+        sj = neuron.IFNode(**options, surrogate_function=surrogate.Sigmoid(alpha=alpha))
+        width = 1.0 / alpha
+    ours = rnl_fast.IFSequence(surrogate="sigmoid", width=width, **options)
+    xs, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    s_sj, s_ours = sj(xs), ours(xo)
+    assert torch.equal(s_ours, s_sj)
+    weight = torch.randn_like(x)
+    (s_sj * weight).sum().backward()
+    (s_ours * weight).sum().backward()
+    assert xo.grad.dtype == torch.float64
+    torch.testing.assert_close(xo.grad, xs.grad, rtol=1e-6, atol=1e-12)
+    functional.reset_net(sj)
+
+
 def test_rate_norm_module_state(backend):
     layer = rnl_fast.RateNorm(momentum=0.5)
     assert [name for name, _ in layer.named_parameters()] == ["raw_p"]
