@@ -51,7 +51,9 @@ class IFSequence(nn.Module):
             (e.g. ``[C, 1, 1]`` per channel); stored as a buffer.
         v_reset: None for soft reset (reset by subtraction, paper Eq. 3), else hard reset to it.
         v_init: initial membrane after reset (e.g. ``0.5 * v_threshold`` as QCFS uses).
-        surrogate, width: surrogate gradient (:func:`rnl_fast.reference.surrogate_grad`).
+        surrogate, width: surrogate gradient (:func:`rnl_fast.reference.surrogate_grad`);
+            ``"sigmoid"``, 0.25 gives the gradients of SpikingJelly 2.0's ``IFNode`` default,
+            ``Sigmoid(alpha=4)``.
         detach_reset: no gradient through the reset.
         spike_dtype: None (the input's dtype), ``torch.uint8`` or ``torch.bool`` for inference.
         count_neurons: keep ``neuron_spike_counts`` (False: it stays None and the kernels skip
