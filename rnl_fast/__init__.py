@@ -7,7 +7,9 @@ The layers: :class:`IFSequence` (multi-step integrate-and-fire, one fused kernel
 and :func:`qcfs` (:mod:`rnl_fast.ops`); their pure-PyTorch definitions are in
 :mod:`rnl_fast.reference`. The method on top: :func:`convert` (ANN → SNN, :mod:`rnl_fast.conversion`)
 and :func:`simulate` (accuracy, spikes, K curves per step, :mod:`rnl_fast.simulation`); training in
-:mod:`rnl_fast.train`; the whole experiment in :mod:`rnl_fast.pipeline`; the CLI in :mod:`rnl_fast.cli`.
+:mod:`rnl_fast.train`; the whole experiment in :mod:`rnl_fast.pipeline`; the CLI in :mod:`rnl_fast.cli`. Exchange with
+other toolchains: :func:`to_nir` and :func:`from_nir` (:mod:`rnl_fast.interop`, NIR; they import the
+optional ``nir`` package on first use, never at ``import rnl_fast``).
 """
 
 from .conversion import ConversionError, convert
@@ -18,6 +20,18 @@ from .simulation import SimulationResult, SpikingNetwork, reuse_freed_memory, si
 
 __version__ = "0.1.0"
 
+#: Names served on first use (:func:`__getattr__`): they import optional packages.
+_LAZY = {"to_nir": "rnl_fast.interop", "from_nir": "rnl_fast.interop"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "ConversionError",
     "IFSequence",
@@ -25,6 +39,7 @@ __all__ = [
     "RateNorm",
     "backend_for",
     "convert",
+    "from_nir",
     "if_sequence",
     "if_sequence_pool2x2",
     "omega",
@@ -35,4 +50,5 @@ __all__ = [
     "SimulationResult",
     "simulate",
     "SpikingNetwork",
+    "to_nir",
 ]
