@@ -8,8 +8,9 @@ and :func:`qcfs` (:mod:`rnl_fast.ops`); their pure-PyTorch definitions are in
 :mod:`rnl_fast.reference`. The method on top: :func:`convert` (ANN → SNN, :mod:`rnl_fast.conversion`)
 and :func:`simulate` (accuracy, spikes, K curves per step, :mod:`rnl_fast.simulation`); training in
 :mod:`rnl_fast.train`; the whole experiment in :mod:`rnl_fast.pipeline`; the CLI in :mod:`rnl_fast.cli`. Exchange with
-other toolchains: :func:`to_nir` and :func:`from_nir` (:mod:`rnl_fast.interop`, NIR; they import the
-optional ``nir`` package on first use, never at ``import rnl_fast``).
+other toolchains (:mod:`rnl_fast.interop`): :func:`to_nir` and :func:`from_nir` (NIR) and
+:func:`from_spikingjelly` (SpikingJelly models in); they import the optional ``nir`` /
+``spikingjelly`` packages on first use, never at ``import rnl_fast``.
 """
 
 from .conversion import ConversionError, convert
@@ -21,7 +22,7 @@ from .simulation import SimulationResult, SpikingNetwork, reuse_freed_memory, si
 __version__ = "0.1.0"
 
 #: Names served on first use (:func:`__getattr__`): they import optional packages.
-_LAZY = {"to_nir": "rnl_fast.interop", "from_nir": "rnl_fast.interop"}
+_LAZY = {"to_nir": "rnl_fast.interop", "from_nir": "rnl_fast.interop", "from_spikingjelly": "rnl_fast.interop"}
 
 
 def __getattr__(name: str):
@@ -40,6 +41,7 @@ __all__ = [
     "backend_for",
     "convert",
     "from_nir",
+    "from_spikingjelly",
     "if_sequence",
     "if_sequence_pool2x2",
     "omega",

@@ -63,7 +63,8 @@ class IFSequence(nn.Module):
     SpikingJelly: ``functional.set_step_mode(net, mode)`` and ``functional.reset_net(net)`` work on
     nets holding these layers without rnl_fast importing SpikingJelly (an optional dependency). Both
     find modules by duck typing: set_step_mode assigns ``m.step_mode`` on every module that has
-    the attribute, reset_net calls ``m.reset()`` on every module that has the method. Their
+    the attribute, reset_net calls ``m.reset()`` on every module that has the method (and
+    ``detach_net`` calls :meth:`detach`). Their
     ``isinstance(m, base.StepModule / MemoryModule)`` checks only choose whether to log a warning
     (plain classes, not ABCs, so no registration could satisfy them short of inheriting them);
     the warning goes to SpikingJelly's logger, disabled unless the user enables it.
@@ -125,6 +126,13 @@ class IFSequence(nn.Module):
         self.v = None
         self.step_spike_counts = None
         self._neuron_counts = None
+
+    def detach(self) -> None:
+        """Cut the carried membrane from the autograd graph of earlier calls (truncated BPTT:
+        later calls backpropagate no further than here); spikes and counts are unchanged. What
+        SpikingJelly's ``functional.detach_net`` calls."""
+        if self.v is not None:
+            self.v = self.v.detach()
 
     def forward(self, x: Tensor) -> Tensor:
         """``"m"``: ``x: [T, B, ...]`` input current → spikes ``[T, B, ...]``; ``"s"``: one step,
