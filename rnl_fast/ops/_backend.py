@@ -1,7 +1,8 @@
 """Which backend runs an op, and the two compiled backends as modules.
 
 CUDA tensors run the Triton kernels (``rnl_fast.kernels``), CPU tensors the C++ kernels
-(``rnl_fast._C``); ``RNL_FAST_BACKEND=triton|cpp|torch`` overrides the choice on every call.
+(``rnl_fast._C``); ``RNL_FAST_BACKEND=triton|cpp|torch`` overrides the choice on every call, and
+an ONNX export traces the reference (``torch``).
 Nothing here changes the process: the Triton interpreter, with which the Triton kernels run on CPU
 tensors (how CI tests them), is switched on by whoever starts the process, with
 ``TRITON_INTERPRET=1`` in the environment before triton is imported.
@@ -19,7 +20,11 @@ BACKENDS = ("cpp", "triton", "torch")
 
 
 def backend_for(x: Tensor) -> str:
-    """The backend that runs an op on ``x``: ``RNL_FAST_BACKEND`` if set, else by device."""
+    """The backend that runs an op on ``x``: ``RNL_FAST_BACKEND`` if set, else by device; during
+    ``torch.onnx.export`` the pure-PyTorch reference, which ONNX can express (our kernels are custom
+    ops that ONNX has no form for; the reference is the spec they equal)."""
+    if torch.compiler.is_exporting() and torch.onnx.is_in_onnx_export():
+        return "torch"
     forced = os.environ.get("RNL_FAST_BACKEND", "").strip().lower()
     if forced:
         if forced not in BACKENDS:

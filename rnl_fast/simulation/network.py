@@ -203,7 +203,8 @@ class SpikingNetwork(nn.Module):
     ``forward(x: [B, ...], T) → [T, B, K]``: the output estimate after each step, i.e. the last
     layer's output current averaged over steps 1..t (constant coding: ``x`` is the input current
     at every step). The membranes are reset at the start of each call, to ``v_init·θ`` of each
-    layer (only the first chunk of a long simulation starts there; the rest carry the membrane).
+    layer (only the first chunk of a long simulation starts there; the rest carry the membrane,
+    so the result does not depend on the chunk: to the bit on CPU).
 
     Args:
         graph_module: the traced ANN graph; the modules named in ``thresholds`` become neurons.
@@ -245,6 +246,7 @@ class SpikingNetwork(nn.Module):
         # chunk holds about two activations at a time instead of all of them.
         # By name, not by Node: names survive a deepcopy of the module, Node objects do not.
         self._last_reader = {a.name: node.name for node in graph_module.graph.nodes for a in node.all_input_nodes}
+        self.eval()  # an inference network (torch.export and torch.onnx.export warn on training mode)
 
     @property
     def neuron_layers(self) -> dict[str, SpikingNeurons]:
@@ -278,15 +280,41 @@ class SpikingNetwork(nn.Module):
         for layer in self.neuron_layers.values():
             layer.neurons.reset()
 
-    @torch.no_grad()
     def forward(self, x: Tensor, T: int, chunk: int | None = None) -> Tensor:
-        if not isinstance(T, int) or T <= 0:
+        """``x: [B, ...]`` images → ``[T, B, K]``: the output estimate after each of T steps (no
+        gradient).
+
+        ``torch.export.export(snn, (x,), {"T": T})`` exports it (T, and the chunk, are fixed in
+        the exported graph): under export the whole run is one chunk unless ``chunk`` is given,
+        since the memory budget of this machine says nothing of where the program will run; the
+        grad mode is left to the caller (a ``no_grad`` region would become a higher-order op that
+        ``torch.export.save`` cannot serialize), and the neurons' membranes and counts are left as
+        they were before the export.
+        """
+        if isinstance(T, bool) or not isinstance(T, int) or T <= 0:
             raise ValueError(f"T must be a positive int, got {T!r}")
-        return torch.cat(list(self.run(x, T, chunk)))
+        if not torch.compiler.is_exporting():
+            with torch.no_grad():
+                return torch.cat(list(self._chunks(x, T, chunk)))
+        # torch.export restores the module attributes a traced call assigned, but warns about each;
+        # the exported program carries the membranes inside its graph.
+        saved = [vars(layer.neurons).copy() for layer in self.neuron_layers.values()]
+        try:
+            with torch.no_grad():
+                return torch.cat(list(self._chunks(x, T, chunk or T)))
+        finally:
+            for layer, state in zip(self.neuron_layers.values(), saved, strict=True):
+                vars(layer.neurons).update(state)
 
     @torch.no_grad()
     def run(self, x: Tensor, T: int, chunk: int | None = None):
         """Yield the output estimate ``[t_chunk, B, K]`` chunk by chunk (membranes carried over)."""
+        yield from self._chunks(x, T, chunk)
+
+    def _chunks(self, x: Tensor, T: int, chunk: int | None):
+        """:meth:`run` in the caller's grad mode."""
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0):
+            raise ValueError(f"chunk must be None or a positive int, got {chunk!r}")
         chunk = chunk or self.chunk_size(x, T)
         self.reset()
         static: dict[str, Tensor] = {}
@@ -295,8 +323,14 @@ class SpikingNetwork(nn.Module):
         while done < T:
             steps = min(chunk, T - done)
             current = self._run_graph(x, steps, static)  # [steps, B, K]
-            summed = torch.cumsum(current, 0) if total is None else torch.cumsum(current, 0) + total
-            total = summed[-1]
+            # The running sum in float64, carried from chunk to chunk unrounded, as one float64
+            # cumsum over all T steps would be (what a CPU float32 cumsum accumulates in): chunked
+            # and whole runs agree to the bit on CPU.
+            running = current.double() if total is None else torch.cat([total[None], current.double()])
+            running = torch.cumsum(running, 0)
+            running = running if total is None else running[1:]
+            total = running[-1]
+            summed = running.to(current.dtype)
             t = torch.arange(done + 1, done + steps + 1, device=x.device, dtype=summed.dtype)
             yield summed / t.view(-1, *[1] * (summed.dim() - 1))
             done += steps
