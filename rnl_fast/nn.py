@@ -12,8 +12,18 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from .numerics import OMEGA_EPS, SURROGATES, THETA_EPS
-from .ops._checks import check_channel_wise, check_levels, check_qcfs_levels
+from .numerics import OMEGA_EPS, THETA_EPS
+from .ops._checks import (
+    check_bool,
+    check_channel_wise,
+    check_fraction,
+    check_levels,
+    check_number,
+    check_qcfs_levels,
+    check_spike_dtype,
+    check_surrogate,
+    check_v_reset,
+)
 
 #: The raw logit that ``p_init = 1.0`` maps to: p = sigmoid(10) ≈ 0.99995, as the official code.
 RAW_P_MAX = 10.0
@@ -86,22 +96,24 @@ class IFSequence(nn.Module):
         step_mode: str = "m",
     ) -> None:
         super().__init__()
+        # Checked here, where they are given, in float32 (the compute dtype of every input but
+        # float64); the op checks them again at each call against the input's compute dtype, since
+        # an attribute may be set after construction.
         self.step_mode = step_mode
-        if surrogate not in SURROGATES:
-            raise ValueError(f"surrogate must be one of {SURROGATES}, got {surrogate!r}")
+        self.width = check_surrogate(surrogate, width, torch.float32)
+        self.surrogate = surrogate
         if isinstance(v_threshold, Tensor):
             self.register_buffer("v_threshold", v_threshold.detach().clone().float())
         else:
-            if not (isinstance(v_threshold, (int, float)) and math.isfinite(v_threshold) and v_threshold > 0):
-                raise ValueError(f"v_threshold must be a positive finite float or a tensor, got {v_threshold!r}")
-            self.v_threshold = float(v_threshold)
-        self.v_reset = v_reset
+            self.v_threshold = check_number("v_threshold", v_threshold, positive=True, dtype=torch.float32)
+        self.v_reset = check_v_reset(v_reset, torch.float32)
+        if not isinstance(v_init, Tensor):
+            v_init = check_number("v_init", v_init, dtype=torch.float32)
         self.v_init = v_init
-        self.surrogate = surrogate
-        self.width = width
-        self.detach_reset = detach_reset
+        self.detach_reset = check_bool("detach_reset", detach_reset)
+        check_spike_dtype(spike_dtype)
         self.spike_dtype = spike_dtype
-        self.count_neurons = count_neurons
+        self.count_neurons = check_bool("count_neurons", count_neurons)
         self.v: Tensor | None = None
         self.step_spike_counts: Tensor | None = None
         self._neuron_counts: Tensor | None = None
@@ -252,10 +264,8 @@ class RateNorm(nn.Module):
         num_channels: int | None = None,
     ) -> None:
         super().__init__()
-        if not (isinstance(momentum, (int, float)) and 0.0 < momentum <= 1.0):
-            raise ValueError(f"momentum must be in (0, 1], got {momentum!r}")
-        if not (isinstance(p_init, (int, float)) and 0.0 < p_init <= 1.0):
-            raise ValueError(f"p_init must be in (0, 1], got {p_init!r}")
+        momentum = check_fraction("momentum", momentum)
+        p_init = check_fraction("p_init", p_init)
         if p is not None and not (isinstance(p, nn.Parameter) and p.numel() == 1):
             raise ValueError("p must be a one-element nn.Parameter (the shared raw logit of p) or None")
         check_channel_wise(channel_wise)
@@ -265,10 +275,10 @@ class RateNorm(nn.Module):
             raise ValueError(
                 f"num_channels must be None or a positive int with channel_wise=True, got {num_channels!r}"
             )
-        self.momentum = float(momentum)
+        self.momentum = momentum
         self.channel_wise = channel_wise
         self.levels = check_levels(levels)
-        self.raw_p = p if p is not None else nn.Parameter(torch.tensor(raw_from_p(float(p_init))))
+        self.raw_p = p if p is not None else nn.Parameter(torch.tensor(raw_from_p(p_init)))
         # Channel-wise without num_channels: [] until the first input gives C (see _sized_running_max).
         self.register_buffer("running_max", torch.ones(num_channels) if num_channels else torch.tensor(1.0))
         self.omega: Tensor | None = None
@@ -363,15 +373,9 @@ class QCFS(nn.Module):
     def __init__(self, levels: int = QCFS_LEVELS, threshold_init: float = QCFS_THRESHOLD_INIT) -> None:
         super().__init__()
         levels = check_qcfs_levels(levels)
-        if not (
-            isinstance(threshold_init, (int, float))
-            and not isinstance(threshold_init, bool)
-            and math.isfinite(threshold_init)
-            and threshold_init > 0
-        ):
-            raise ValueError(f"threshold_init must be a positive finite float, got {threshold_init!r}")
+        threshold_init = check_number("threshold_init", threshold_init, positive=True, dtype=torch.float32)
         self.levels = levels
-        self.threshold = nn.Parameter(torch.tensor(float(threshold_init)))
+        self.threshold = nn.Parameter(torch.tensor(threshold_init))
 
     def forward(self, x: Tensor) -> Tensor:
         return ops.qcfs(x, self.threshold, self.levels)

@@ -101,7 +101,7 @@ def test_p_init_out_of_range(p_init):
 
 
 def test_module_threshold_checked_at_construction():
-    with pytest.raises(ValueError, match="v_threshold must be a positive"):
+    with pytest.raises(ValueError, match="v_threshold must be positive"):
         rnl_fast.IFSequence(v_threshold=-1.0)
     with pytest.raises(ValueError, match="surrogate must be one of"):
         rnl_fast.IFSequence(surrogate="nope")

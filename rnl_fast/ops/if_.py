@@ -15,7 +15,7 @@ from torch import Tensor
 from .. import reference
 from ..numerics import compute_dtype_of
 from ._backend import backend_for, cpp, cpp_dtype, cpp_reset, threads, triton
-from ._checks import check_if_input, check_surrogate, check_v_reset, neuron_param
+from ._checks import check_bool, check_if_input, check_spike_dtype, check_surrogate, check_v_reset, neuron_param
 from ._if_io import ForwardIO, IFResult, cpp_param_args, cpp_x_args, fake_state_outputs, if_result
 from .layout import in_order, logical, neuron_order, time_major
 
@@ -200,11 +200,13 @@ def if_sequence(
     float32 pre-spike membrane ``h_seq`` (4 bytes per element) besides its spikes.
     """
     x = check_if_input(x)
-    check_surrogate(surrogate, width)
-    check_v_reset(v_reset)
+    cdt = compute_dtype_of(x.dtype)
+    width = check_surrogate(surrogate, width, cdt)
+    v_reset = check_v_reset(v_reset, cdt)
+    check_bool("detach_reset", detach_reset)
+    check_bool("count_neurons", count_neurons)
+    check_spike_dtype(spike_dtype, x.dtype)
     spike_dtype = spike_dtype or x.dtype
-    if spike_dtype not in (x.dtype, torch.uint8, torch.bool):
-        raise ValueError(f"spike_dtype must be None, x.dtype ({x.dtype}), torch.uint8 or torch.bool; got {spike_dtype}")
     v_th_t = neuron_param("v_th", v_th, x, positive=True)
     v_init_t = neuron_param("v_init", v_init, x, positive=False)
     if backend_for(x) == "torch":  # the torch backend is the spec itself
@@ -215,12 +217,12 @@ def if_sequence(
             x,
             v_th_t,
             v_init_t,
-            float(v_reset or 0.0),
+            v_reset or 0.0,
             hard,
             surrogate,
-            float(width),
+            width,
             detach_reset,
             spike_dtype,
-            bool(count_neurons),
+            count_neurons,
         )
     return if_result(result, count_neurons)

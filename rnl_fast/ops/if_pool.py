@@ -12,8 +12,9 @@ import torch
 from torch import Tensor
 
 from .. import reference
+from ..numerics import compute_dtype_of
 from ._backend import backend_for, cpp, cpp_reset, threads, triton
-from ._checks import check_if_input, check_v_reset, neuron_param
+from ._checks import check_bool, check_if_input, check_number, check_v_reset, neuron_param
 from ._if_io import ForwardIO, IFResult, fake_state_outputs, if_result
 from .layout import logical, neuron_order, pool_geometry, pool_out_size
 
@@ -107,12 +108,14 @@ def if_sequence_pool2x2(
     x = check_if_input(x)
     if x.dim() < 3:
         raise ValueError(f"x must be [T, *, H, W], got shape {tuple(x.shape)}")
+    check_bool("ceil_mode", ceil_mode)
+    check_bool("count_neurons", count_neurons)
     H, W = x.shape[-2:]
     if pool_out_size(H, ceil_mode) == 0 or pool_out_size(W, ceil_mode) == 0:
         raise ValueError(f"a 2x2 window does not fit in H x W = {H} x {W} (ceil_mode={ceil_mode})")
-    check_v_reset(v_reset)
-    if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale)):
-        raise ValueError(f"scale must be a finite float, got {scale!r}")
+    cdt = compute_dtype_of(x.dtype)
+    v_reset = check_v_reset(v_reset, cdt)
+    scale = check_number("scale", scale, dtype=cdt)
     if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in (x, v_init)):
         raise RuntimeError(
             "if_sequence_pool2x2 is inference only and gives no gradient: run it under torch.no_grad(), "
@@ -121,10 +124,8 @@ def if_sequence_pool2x2(
     v_th_t = neuron_param("v_th", v_th, x, positive=True)
     v_init_t = neuron_param("v_init", v_init, x, positive=False)
     if backend_for(x) == "torch":  # the torch backend is the spec itself
-        result = reference.if_sequence_pool2x2(x, v_th_t, v_init_t, v_reset, float(scale), bool(ceil_mode))
+        result = reference.if_sequence_pool2x2(x, v_th_t, v_init_t, v_reset, scale, ceil_mode)
     else:
         hard = v_reset is not None
-        result = _if_pool_forward(
-            x, v_th_t, v_init_t, float(v_reset or 0.0), hard, float(scale), bool(ceil_mode), bool(count_neurons)
-        )
+        result = _if_pool_forward(x, v_th_t, v_init_t, v_reset or 0.0, hard, scale, ceil_mode, count_neurons)
     return if_result(result, count_neurons)

@@ -22,11 +22,13 @@ from .. import reference
 from ..numerics import THETA_EPS, compute_dtype_of
 from ._backend import backend_for, cpp, cpp_dtype, threads, triton
 from ._checks import (
+    check_bool,
     check_channel_wise,
     check_float_tensor,
+    check_fraction,
     check_levels,
-    check_momentum,
     check_one_element,
+    check_rate_norm_scalars,
     check_running_max,
 )
 from .layout import channel_inner, flat_in_memory_order, flat_like
@@ -48,10 +50,19 @@ def _channels(x: Tensor, order: tuple[int, ...], channel_wise: bool) -> tuple[in
     return x.shape[1], channel_inner(x, order)
 
 
-def _cpp_input(x1: Tensor, raw_p: Tensor) -> dict:
+def _cpp_input(x1: Tensor, raw_p: Tensor, running_max: Tensor) -> dict:
     """The flat input and raw_p as the C++ entry points take them: raw_p's value is exact as a
-    Python float."""
-    return dict(x=x1.data_ptr(), x_len=x1.numel(), dtype=cpp_dtype(x1.dtype), raw_p=raw_p.item(), theta_eps=THETA_EPS)
+    Python float. raw_p and the running max, read on the host here, are checked (by name) so that
+    θ > 0, which the C++ kernels require; a scalar running max is passed by value."""
+    raw = raw_p.item()
+    scalar = running_max.dim() == 0
+    peak = running_max.item() if scalar else running_max.min().item()
+    check_rate_norm_scalars(raw, peak)
+    common = dict(x=x1.data_ptr(), x_len=x1.numel(), dtype=cpp_dtype(x1.dtype), raw_p=raw, theta_eps=THETA_EPS)
+    if scalar:
+        return dict(common, running_max=peak)
+    running_max = running_max.contiguous()
+    return dict(common, running_max=running_max.data_ptr(), running_max_len=running_max.numel())
 
 
 @torch.library.custom_op("rnl_fast::rate_norm_forward", mutates_args=())
@@ -78,24 +89,21 @@ def _rate_norm_forward(
         )  # fmt: skip
         return r, running_max_out, sums[0].clone(), sums[1].clone()  # no aliased outputs
     # CPU tensors: reading the scalars on the host costs no device synchronisation.
-    common = dict(**_cpp_input(x1, raw_p), momentum=momentum, training=training, levels=levels, r=r1.data_ptr())
+    common = dict(
+        **_cpp_input(x1, raw_p, running_max), momentum=momentum, training=training, levels=levels, r=r1.data_ptr()
+    )
     if channel_wise:
-        running_max = running_max.contiguous()
         sum_r, sum_r2 = cpp().rate_norm_channel_forward(
             **common,
             channels=channels,
             inner=inner,
-            running_max=running_max.data_ptr(),
-            running_max_len=running_max.numel(),
             r_len=r1.numel(),
             running_max_out=running_max_out.data_ptr(),
             running_max_out_len=running_max_out.numel(),
             num_threads=threads(),
         )
     else:
-        running_max_used, sum_r, sum_r2 = cpp().rate_norm_forward(
-            **common, running_max=running_max.item(), r_len=r1.numel(), num_threads=threads()
-        )
+        running_max_used, sum_r, sum_r2 = cpp().rate_norm_forward(**common, r_len=r1.numel(), num_threads=threads())
         running_max_out.fill_(running_max_used)
     return r, running_max_out, torch.tensor(sum_r, dtype=cdt), torch.tensor(sum_r2, dtype=cdt)
 
@@ -140,23 +148,16 @@ def _rate_norm_backward(
         grad_r_len=0 if g1 is None else g1.numel(),
         grad_sum_r=grad_sum_r,
         grad_sum_r2=grad_sum_r2,
-        **_cpp_input(x1, raw_p),
+        **_cpp_input(x1, raw_p, running_max),
         levels=levels,
         grad_x=grad_x1.data_ptr(),
         grad_x_len=grad_x1.numel(),
         num_threads=threads(),
     )
     if channel_wise:
-        running_max = running_max.contiguous()
-        grad_raw = cpp().rate_norm_channel_backward(
-            **common,
-            channels=channels,
-            inner=inner,
-            running_max=running_max.data_ptr(),
-            running_max_len=running_max.numel(),
-        )
+        grad_raw = cpp().rate_norm_channel_backward(**common, channels=channels, inner=inner)
     else:
-        grad_raw = cpp().rate_norm_backward(**common, running_max=running_max.item())
+        grad_raw = cpp().rate_norm_backward(**common)
     return grad_x, torch.tensor(grad_raw, dtype=cdt).to(raw_p.dtype)
 
 
@@ -217,6 +218,8 @@ def rate_norm(
             bfloat16, any strides (r̂ keeps a dense layout such as channels-last).
         raw_p: ``[]`` (or one element) trainable logit of p.
         running_max: float32 buffer (not modified): one element, or ``[C]`` with ``channel_wise``.
+        raw_p, running_max: on CPU tensors raw_p must be finite and the running max >= 0 (so that
+            θ > 0), else ValueError naming them; on a GPU they are not read (no host sync).
         momentum: in (0, 1].
         training: update the running max from this batch before using it.
         channel_wise: one running max and threshold per channel (dim 1).
@@ -229,13 +232,10 @@ def rate_norm(
     levels = check_levels(levels)
     check_one_element("raw_p", raw_p, x)
     check_running_max(running_max, x, channel_wise)
-    check_momentum(momentum)
+    momentum = check_fraction("momentum", momentum)
+    training = check_bool("training", training)
     shape = (x.shape[1],) if channel_wise else ()
     raw_p, running_max = raw_p.reshape(()), running_max.detach().reshape(shape).to(torch.float32)
     if backend_for(x) == "torch":  # the torch backend is the spec itself
-        return RateNormResult(
-            *reference.rate_norm(x, raw_p, running_max, float(momentum), bool(training), channel_wise, levels)
-        )
-    return RateNormResult(
-        *_rate_norm_forward(x, raw_p, running_max, float(momentum), bool(training), channel_wise, levels or 0)
-    )
+        return RateNormResult(*reference.rate_norm(x, raw_p, running_max, momentum, training, channel_wise, levels))
+    return RateNormResult(*_rate_norm_forward(x, raw_p, running_max, momentum, training, channel_wise, levels or 0))
