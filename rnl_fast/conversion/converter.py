@@ -65,10 +65,13 @@ def convert(
 
     Raises:
         ConversionError: a part of the model that cannot run on spikes, named.
+        TypeError: ``model`` is not an ``nn.Module``.
         ValueError: an unknown method, a method that needs calibration data without it, a bad
             ``v_init`` or ``channel_wise``, or ``channel_wise`` where a layer has no channels
             or the Rate Norm network has one threshold per layer; the message names the argument.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module (the trained ANN), got {type(model).__name__} {model!r}")
     recipe = recipe_for(method)
     fraction = initial_fraction(recipe.default_v_init if v_init is None else v_init)
     check_channel_wise(channel_wise)

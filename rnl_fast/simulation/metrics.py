@@ -76,8 +76,12 @@ def simulate(
     (None: all; the paper shows one image). K is accumulated step by step from running spike
     counts on the device, with one host synchronisation per batch: no spike train is kept.
     """
-    if not isinstance(T, int) or T <= 0:
+    if isinstance(T, bool) or not isinstance(T, int) or T <= 0:
         raise ValueError(f"T must be a positive int, got {T!r}")
+    if not isinstance(snn, SpikingNetwork):
+        raise TypeError(f"snn must be a SpikingNetwork (from rnl_fast.convert), got {type(snn).__name__}")
+    if not isinstance(loader, Iterable):
+        raise TypeError(f"loader must be an iterable of (x, y) batches, got {type(loader).__name__} {loader!r}")
     layers = snn.neuron_layers
     correct = torch.zeros(T, dtype=torch.float64)
     layer_spikes = {name: torch.zeros(T, dtype=torch.float64) for name in layers}

@@ -10,7 +10,6 @@ over, so memory stays bounded for T in the thousands.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -347,17 +346,10 @@ class SpikingNetwork(nn.Module):
         comes from one shape-propagation pass per image shape, cached: simulate() asks per batch."""
         key = tuple(x.shape[1:])
         if key not in self._activation_bytes_per_image:
-            from torch.fx.passes.shape_prop import ShapeProp
-
-            gm = _ann_view(self.graph_module)
+            shapes = _Shapes(_ann_view(self.graph_module))
             with torch.no_grad():
-                ShapeProp(gm).propagate(x[:1])
-            shapes = [
-                node.meta["tensor_meta"].shape
-                for node in gm.graph.nodes
-                if hasattr(node.meta.get("tensor_meta"), "shape")
-            ]
-            self._activation_bytes_per_image[key] = max((math.prod(shape) * 4 for shape in shapes), default=0)
+                shapes.run(x[:1])
+            self._activation_bytes_per_image[key] = shapes.largest * 4
         return self._activation_bytes_per_image[key] * x.shape[0]
 
     def _run_graph(self, x: Tensor, steps: int, static: dict[str, Tensor]) -> Tensor:
@@ -418,6 +410,33 @@ class SpikingNetwork(nn.Module):
                 if self._last_reader[a.name] == node.name:
                     values.pop(a.name)
         raise RuntimeError("the graph has no output node")
+
+
+class _Shapes(fx.Interpreter):
+    """Runs a graph on one image and keeps the element count of its largest tensor; an input that
+    does not fit the network fails with one line naming the input's shape and the node."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.extra_traceback = False  # else fx appends the graph to the message of run_node's error
+        self.largest = 0
+
+    def run_node(self, n: fx.Node):
+        try:
+            result = super().run_node(n)
+        except Exception as error:  # torch raises many types; what the user needs is where and why
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(
+                f"x of shape [B, {', '.join(map(str, self.args_shape))}] does not fit the network: "
+                f"node '{n.name}' ({n.op} {n.target}) failed: {reason}"
+            ) from error
+        if isinstance(result, Tensor):
+            self.largest = max(self.largest, result.numel())
+        return result
+
+    def run(self, x: Tensor):  # type: ignore[override]
+        self.args_shape = tuple(x.shape[1:])
+        return super().run(x)
 
 
 def _ann_view(gm: fx.GraphModule) -> fx.GraphModule:
