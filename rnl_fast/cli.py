@@ -30,32 +30,29 @@ from .nn import QCFS_LEVELS
 from .simulation import reuse_freed_memory
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+def _number(parse, accept, expected: str):
+    """An argparse ``type`` reading a number with ``parse`` and keeping it if ``accept(value)``;
+    anything else is answered "expected <expected>, got '<text>'" (argparse's own message would
+    name this function)."""
+
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return convert
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not (value > 0 and value < float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+_positive_int = _number(int, lambda v: v > 0, "a positive integer")
+_non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+_positive_float = _number(float, lambda v: 0 < v < float("inf"), "a positive finite number")
+_non_negative_float = _number(float, lambda v: 0 <= v < float("inf"), "a finite number >= 0")
+_int = _number(int, lambda v: True, "an integer")
+_float = _number(float, lambda v: True, "a number")
 
 
 def _v_init(text: str) -> float:
@@ -79,13 +76,18 @@ def _device(text: str) -> torch.device:
 
 
 def _add_data_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="mnist", choices=data.DATASETS, help="default: mnist (embedded)")
+    p.add_argument(
+        "--dataset",
+        default="mnist",
+        choices=data.DATASETS,
+        help="mnist is embedded, synthetic is generated, the others are read from --data-dir (none is downloaded)",
+    )
     p.add_argument(
         "--data-dir", default=None, help="directory with the dataset files (CIFAR python batches, IDX files)"
     )
-    p.add_argument("--batch-size", type=_positive_int, default=128)
+    p.add_argument("--batch-size", type=_positive_int, default=128, help="images per batch")
     p.add_argument("--device", type=_device, default=torch.device("cpu"), help="cpu or cuda")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_int, default=0, help="seed of the data subsets, shuffling and training")
     p.add_argument("--train-images", type=_positive_int, default=None, help="use a random subset of the training set")
     p.add_argument("--test-images", type=_positive_int, default=None, help="use a random subset of the test set")
 
@@ -133,7 +135,7 @@ def _add_latency_arguments(p: argparse.ArgumentParser, variants: bool) -> None:
     else:
         v_help = (
             "initial membrane as a fraction of the threshold θ: 0, half (θ/2) or a number in [0, 1); "
-            "default: the method's (0 as the paper for its four methods, half for qcfs and rnl_qcfs)"
+            "None: the method's (0 as the paper for its four methods, half for qcfs and rnl_qcfs)"
         )
         cw_help = "one threshold per channel (MaxNorm, RobustNorm; Rate Norm needs RateNorm(channel_wise=True))"
     p.add_argument("--v-init", dest="v_init", type=_v_init, default=0.5 if variants else None, help=v_help)
@@ -142,8 +144,22 @@ def _add_latency_arguments(p: argparse.ArgumentParser, variants: bool) -> None:
     )
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default after its help, except where there is none to show (None, required)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse that answers a bad argument with one line (no usage block) and exit status 2."""
+    """argparse that shows every option's default in --help and answers a bad argument with one
+    line (no usage block) and exit status 2."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -154,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = commands.add_parser("train", help="stage 1 (weights) or stage 2 (thresholds, with the Rate Inference Loss)")
-    t.add_argument("--stage", type=int, choices=(1, 2), default=1)
+    t.add_argument("--stage", type=int, choices=(1, 2), default=1, help="1: the weights; 2: the thresholds (p)")
     t.add_argument("--model", default="cnn7", choices=tuple(models.MODELS), help="stage 1 only")
     t.add_argument(
         "--activation",
@@ -166,11 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--levels",
         type=_positive_int,
         default=None,
-        help="stage 1 only: quantization levels L of qcfs (default 8) or of the Rate Norm rates (default: none)",
+        help="stage 1 only: quantization levels L of qcfs (None: 8) or of the Rate Norm rates (None: not quantized)",
     )
     t.add_argument("--from", dest="source", default=None, help="stage 2: the stage-1 checkpoint to start from")
-    t.add_argument("--epochs", type=_non_negative_int, default=4)
-    t.add_argument("--lr", type=float, default=None, help="default: 0.1 (stage 1), 0.01 (stage 2)")
+    t.add_argument("--epochs", type=_non_negative_int, default=4, help="training epochs")
+    t.add_argument("--lr", type=_float, default=None, help="None: 0.1 (stage 1), 0.01 (stage 2)")
     _add_method_arguments(t, tolerance=0.5)
     t.add_argument("--resume", action="store_true", help="continue from --out if it exists")
     t.add_argument("--out", required=True, help="checkpoint file to write")
@@ -179,9 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = commands.add_parser(
         "evaluate", help="convert a checkpoint, simulate it and report accuracy, K curves and energy"
     )
-    e.add_argument("--checkpoint", required=True)
-    e.add_argument("--method", choices=METHODS, required=True)
-    e.add_argument("-T", "--steps", dest="T", type=_positive_int, default=256)
+    e.add_argument("--checkpoint", required=True, help="the checkpoint written by rnl-fast train")
+    e.add_argument("--method", choices=METHODS, required=True, help="the conversion method")
+    e.add_argument("-T", "--steps", dest="T", type=_positive_int, default=256, help="simulation time steps")
     e.add_argument("--out", default=None, help="directory for results.json and figures")
     _add_latency_arguments(e, variants=False)
     _add_data_arguments(e)
@@ -194,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--rnl-qcfs", dest="rnl_qcfs", help="stage-2 checkpoint of a Rate Norm network trained with --levels"
     )
-    c.add_argument("-T", "--steps", dest="T", type=_positive_int, default=256)
+    c.add_argument("-T", "--steps", dest="T", type=_positive_int, default=256, help="simulation time steps")
     c.add_argument("--out", default=None, help="directory for results.json and figures")
     _add_latency_arguments(c, variants=True)
     _add_data_arguments(c)
@@ -215,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--levels", type=_positive_int, default=QCFS_LEVELS, help="quantization levels L of those two")
     _add_method_arguments(d, tolerance=1.0)
-    d.add_argument("-T", "--steps", dest="T", type=_positive_int, default=256)
+    d.add_argument("-T", "--steps", dest="T", type=_positive_int, default=256, help="simulation time steps")
     d.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (CI): small subsets, 1 epoch, T=32")
     _add_latency_arguments(d, variants=True)
     _add_data_arguments(d)

@@ -29,15 +29,28 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
         pytest.param(
             ["train", "--dataset", "cifar10", "--out", "x.pt"], "CIFAR-10 needs a data directory", id="missing-dataset"
         ),
-        pytest.param(["demo", "-T", "0"], "must be a positive integer, got 0", id="T-zero"),
+        pytest.param(["demo", "-T", "0"], "argument -T/--steps: expected a positive integer, got '0'", id="T-zero"),
+        pytest.param(
+            ["evaluate", "--checkpoint", "c.pt", "--method", "rnl", "-T", "abc"],
+            "rnl-fast evaluate: error: argument -T/--steps: expected a positive integer, got 'abc' (see",
+            id="T-not-a-number",
+        ),
+        pytest.param(["demo", "--seed", "x"], "argument --seed: expected an integer, got 'x'", id="seed-not-a-number"),
+        pytest.param(
+            ["demo", "--lam", "inf"], "argument --lam: expected a finite number >= 0, got 'inf'", id="lam-inf"
+        ),
         pytest.param(
             ["evaluate", "--checkpoint", "c.pt", "--method", "rnl", "-T", "-5"],
-            "must be a positive integer",
+            "expected a positive integer, got '-5'",
             id="T-negative",
         ),
-        pytest.param(["train", "--epochs", "-1", "--out", "x.pt"], "must be >= 0, got -1", id="negative-epochs"),
         pytest.param(
-            ["train", "--stage", "2", "--lam", "-0.5", "--out", "x.pt"], "must be >= 0, got -0.5", id="negative-lambda"
+            ["train", "--epochs", "-1", "--out", "x.pt"], "expected an integer >= 0, got '-1'", id="negative-epochs"
+        ),
+        pytest.param(
+            ["train", "--stage", "2", "--lam", "-0.5", "--out", "x.pt"],
+            "expected a finite number >= 0, got '-0.5'",
+            id="negative-lambda",
         ),
         pytest.param(["train", "--stage", "2", "--out", "x.pt"], "stage 2 needs --from", id="stage2-without-source"),
         pytest.param(
@@ -71,6 +84,22 @@ def test_errors_are_one_line_with_exit_status_2(capsys, tmp_path, monkeypatch, a
     assert match in err
     assert len(err.strip().splitlines()) == 1, err
     assert "Traceback" not in err
+    assert "_int" not in err and "_float" not in err  # no helper's name
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "compare", "demo"])
+def test_help_shows_the_defaults(capsys, command):
+    code, out, _err = _run(capsys, command, "--help")
+    assert code == 0
+    text = " ".join(out.split())  # argparse wraps and breaks lines as it likes
+    assert "--batch-size BATCH_SIZE images per batch (default: 128)" in text
+    assert "(none is downloaded) (default: mnist)" in text
+    if command != "train":
+        assert "-T T, --steps T simulation time steps (default: 256)" in text
+    if command == "demo":
+        assert "--tiny a seconds-long smoke run" in text
+        assert "use a random subset of the test set (default: 1000)" in text  # the demo's own default
+    assert "(default: None)" not in out
 
 
 @pytest.mark.parametrize(
