@@ -281,3 +281,16 @@ def test_triton_backend_on_cpu_needs_the_interpreter(tmp_path):
     message, interpret_set = out.stdout.strip().splitlines()
     assert "set TRITON_INTERPRET=1 in the environment before the process imports triton" in message
     assert interpret_set == "False"
+
+
+def test_missing_extension_says_what_to_do(monkeypatch):
+    """A source tree imported without its built extension (python started in the repository root):
+    the first op says what happened and how to install, instead of "cannot import name '_C'"."""
+    monkeypatch.delattr(rnl_fast, "_C")
+    monkeypatch.setitem(sys.modules, "rnl_fast._C", None)  # import rnl_fast._C now fails
+    monkeypatch.setenv("RNL_FAST_BACKEND", "cpp")
+    with pytest.raises(ImportError) as info:
+        ops.if_sequence(torch.ones(2, 3))
+    message = str(info.value)
+    assert message.startswith("rnl_fast's C++ kernels (rnl_fast._C) are not built in ")
+    assert "pip install ." in message and "pip install -e . --no-build-isolation" in message

@@ -41,8 +41,16 @@ def backend_for(x: Tensor) -> str:
 
 def cpp() -> ModuleType:
     """The C++ extension ``rnl_fast._C`` (its entry points take keyword arguments)."""
-    from .. import _C
-
+    try:
+        from .. import _C
+    except ImportError as error:  # the common first-use mistake: the source tree, never built
+        package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        raise ImportError(
+            f"rnl_fast's C++ kernels (rnl_fast._C) are not built in {package}: Python imported rnl_fast from "
+            "there, probably a source checkout on the path (e.g. python started in the repository root). "
+            "Install the package with `pip install .` and run from another directory, or build it in place for "
+            f"development with `pip install -e . --no-build-isolation` (README, Install). ({error})"
+        ) from error
     return _C
 
 
