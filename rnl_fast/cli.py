@@ -80,7 +80,7 @@ def _add_data_arguments(p: argparse.ArgumentParser) -> None:
         "--dataset",
         default="mnist",
         choices=data.DATASETS,
-        help="mnist is embedded, synthetic is generated, the others are read from --data-dir (none is downloaded)",
+        help="mnist is embedded, synthetic generated, the others read from local files (nothing is downloaded)",
     )
     p.add_argument(
         "--data-dir", default=None, help="directory with the dataset files (CIFAR python batches, IDX files)"

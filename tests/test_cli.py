@@ -93,7 +93,7 @@ def test_help_shows_the_defaults(capsys, command):
     assert code == 0
     text = " ".join(out.split())  # argparse wraps and breaks lines as it likes
     assert "--batch-size BATCH_SIZE images per batch (default: 128)" in text
-    assert "(none is downloaded) (default: mnist)" in text
+    assert "(nothing is downloaded) (default: mnist)" in text
     if command != "train":
         assert "-T T, --steps T simulation time steps (default: 256)" in text
     if command == "demo":
