@@ -29,6 +29,7 @@ from ._checks import (
     check_one_element,
     check_running_max,
 )
+from ._library import custom_op
 from .layout import channel_inner, flat_in_memory_order, flat_like
 
 
@@ -54,7 +55,7 @@ def _cpp_input(x1: Tensor, raw_p: Tensor) -> dict:
     return dict(x=x1.data_ptr(), x_len=x1.numel(), dtype=cpp_dtype(x1.dtype), raw_p=raw_p.item(), theta_eps=THETA_EPS)
 
 
-@torch.library.custom_op("rnl_fast::rate_norm_forward", mutates_args=())
+@custom_op("rnl_fast::rate_norm_forward")
 def _rate_norm_forward(
     x: Tensor,
     raw_p: Tensor,
@@ -111,7 +112,7 @@ def _(x, raw_p, running_max, momentum, training, channel_wise=False, levels=0):
     )
 
 
-@torch.library.custom_op("rnl_fast::rate_norm_backward", mutates_args=())
+@custom_op("rnl_fast::rate_norm_backward")
 def _rate_norm_backward(
     grad_r: Optional[Tensor],  # noqa: UP045
     grad_sums: Tensor,
