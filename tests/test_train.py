@@ -320,6 +320,68 @@ def test_corrupt_checkpoint_raises_clear_error(tmp_path: Path, content) -> None:
     assert str(path) in message and "\n" not in message
 
 
+def _realistic_state() -> dict:
+    """What a training checkpoint holds, in miniature: weights, optimiser state, history, RNG."""
+    torch.manual_seed(0)
+    model = tiny_model()
+    return {
+        "stage": 1,
+        "epoch": 1,
+        "epochs": 2,
+        "model_state": model.state_dict(),
+        "big": torch.randn(20_000),
+        "history": [{"epoch": 1, "lr": 0.1, "val_acc": 50.0, "omega": None, "checks": []}],
+        "rng_states": [{"torch": torch.get_rng_state()}],
+        "model_kwargs": {"activation": "rnl", "levels": None},
+    }
+
+
+def _flip(path: Path, offset: int, count: int) -> None:
+    content = bytearray(path.read_bytes())
+    content[offset : offset + count] = bytes(b ^ 0xFF for b in content[offset : offset + count])
+    path.write_bytes(bytes(content))
+
+
+def test_flipped_bytes_in_the_middle_are_caught(tmp_path: Path) -> None:
+    """Issue 13: 400 bytes flipped in the middle of a checkpoint loaded and evaluated at 3 %."""
+    path = tmp_path / "run.pt"
+    train.save_checkpoint(path, **_realistic_state())
+    _flip(path, path.stat().st_size // 2 - 200, 400)
+    with pytest.raises(train.CheckpointError) as info:
+        train.load_checkpoint(path)
+    message = str(info.value)
+    assert str(path) in message and "checksum" in message and "\n" not in message
+
+
+def test_no_flip_anywhere_loads_as_different_content(tmp_path: Path) -> None:
+    """16 bytes flipped at 40 places across the file: each either fails to load with a
+    CheckpointError or (zip padding, unused metadata) loads exactly what was saved."""
+    clean = tmp_path / "clean.pt"
+    saved = _realistic_state()
+    train.save_checkpoint(clean, **saved)
+    size = clean.stat().st_size
+    caught = 0
+    for offset in range(0, size - 16, size // 40):
+        path = tmp_path / "flipped.pt"
+        path.write_bytes(clean.read_bytes())
+        _flip(path, offset, 16)
+        try:
+            state = train.load_checkpoint(path)
+        except train.CheckpointError:
+            caught += 1
+            continue
+        assert train.checkpoint.payload_digest(state) == train.checkpoint.payload_digest(saved), offset
+    assert caught >= 30
+
+
+def test_checkpoints_before_checksums_still_load(tmp_path: Path) -> None:
+    """Format v1 (no checksum) is read without verification, and says so in its format."""
+    path = tmp_path / "v1.pt"
+    torch.save({"format": "rnl_fast-checkpoint-v1", **_realistic_state()}, path)
+    state = train.load_checkpoint(path)
+    assert state["format"] == "rnl_fast-checkpoint-v1" and torch.equal(state["big"], _realistic_state()["big"])
+
+
 def test_missing_checkpoint_raises_checkpoint_error(tmp_path: Path) -> None:
     with pytest.raises(train.CheckpointError, match="does not exist"):
         train.load_checkpoint(tmp_path / "absent.pt")
