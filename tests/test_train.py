@@ -437,6 +437,71 @@ def test_resume_rejects_other_stage_or_epochs(tmp_path: Path, splits) -> None:
         _stage2(_new_model(), splits, epochs=1, checkpoint_path=path, resume=True)
 
 
+@pytest.mark.parametrize(
+    "change, difference",
+    [
+        pytest.param(
+            {"model_kwargs": {"activation": "relu"}}, "activation=None, this run has activation='relu'", id="model"
+        ),
+        pytest.param({"model_name": "vgg"}, "model=None, this run has model='vgg'", id="model-name"),
+        pytest.param(
+            {"data_info": {"dataset": "synthetic", "train_images": 320}},
+            "train_images=640, this run has train_images=320",
+            id="train-images",
+        ),
+        pytest.param({"data_info": {"dataset": "mnist", "train_images": 640}}, "dataset='synthetic'", id="dataset"),
+        pytest.param({"lr": 0.1}, "lr=0.05, this run has lr=0.1", id="lr"),
+        pytest.param({"readout_lr_scale": 1.0}, "readout_lr_scale=10.0", id="readout"),
+    ],
+)
+def test_resume_rejects_another_run(tmp_path: Path, splits, change: dict, difference: str) -> None:
+    """A checkpoint resumes only the run that wrote it: the first difference in model, data or
+    settings is named in one line (before, another --train-images was accepted silently and
+    another --model/--activation gave a raw state_dict traceback)."""
+    path = tmp_path / "run.pt"
+    data_info = {"dataset": "synthetic", "train_images": 640}
+    _stage1(_new_model(), splits, epochs=1, checkpoint_path=path, data_info=data_info)
+    written = path.read_bytes()
+    with pytest.raises(train.CheckpointMismatchError) as info:
+        _stage1(_new_model(), splits, epochs=1, checkpoint_path=path, resume=True, **{"data_info": data_info, **change})
+    message = str(info.value)
+    assert f"checkpoint {path} belongs to another run" in message and difference in message, message
+    assert "\n" not in message and path.read_bytes() == written  # nothing trained, nothing written
+
+
+def test_resume_into_a_model_the_weights_do_not_fit(tmp_path: Path, splits) -> None:
+    path = tmp_path / "run.pt"
+    _stage1(_new_model(), splits, epochs=1, checkpoint_path=path)
+    other = nn.Sequential(nn.Conv2d(1, 2, 3), RateNorm(), nn.Flatten(), nn.LazyLinear(NUM_CLASSES))
+    with pytest.raises(train.CheckpointMismatchError) as info:
+        _stage1(other, splits, epochs=1, checkpoint_path=path, resume=True)
+    message = str(info.value)
+    assert f"checkpoint {path} does not fit this model" in message and "\n" not in message
+    assert "Missing key" in message or "Unexpected key" in message or "size mismatch" in message
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_checkpoint_records_whether_the_run_finished(stage: int, stage1_model, splits, tmp_path: Path) -> None:
+    path = tmp_path / "run.pt"
+    train_loader, val_loader, generator = _loaders(splits)
+    common = dict(epochs=2, generator=generator, progress=False, checkpoint_path=path, data_info={"dataset": "x"})
+
+    def run(loader) -> None:
+        if stage == 1:
+            train.train_stage1(_new_model(), loader, val_loader=val_loader, lr=0.05, **common)
+        else:
+            train.train_stage2(copy.deepcopy(stage1_model), loader, val_loader, tolerance=5.0, **common)
+
+    with pytest.raises(_Interrupted):
+        run(_StopAfter(train_loader, 1))
+    state = train.load_checkpoint(path)
+    assert (state["epoch"], state["finished"], state["data"]) == (1, False, {"dataset": "x"})
+    run(train_loader)
+    state = train.load_checkpoint(path)
+    assert (state["epoch"], state["finished"]) == (2, True)
+    assert state["settings"]["lr"] == (0.05 if stage == 1 else 0.01)
+
+
 def test_model_from_checkpoint_rebuilds_the_model(tmp_path: Path, splits) -> None:
     kwargs = {"activation": "rnl", "in_channels": 1, "num_classes": NUM_CLASSES, "input_size": IMAGE_SIZE}
     torch.manual_seed(0)

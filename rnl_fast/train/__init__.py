@@ -14,6 +14,7 @@ docs/training.md.
 from .checkpoint import (
     CHECKPOINT_FORMAT,
     CheckpointError,
+    CheckpointMismatchError,
     load_checkpoint,
     model_from_checkpoint,
     model_from_state,
@@ -36,6 +37,7 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "Batches",
     "CheckpointError",
+    "CheckpointMismatchError",
     "HistoryEntry",
     "StepFn",
     "all_reduce_running_max",

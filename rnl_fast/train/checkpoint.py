@@ -47,6 +47,20 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, unreadable, corrupt, or not an rnl_fast checkpoint."""
 
 
+class CheckpointMismatchError(CheckpointError, ValueError):
+    """A checkpoint does not belong to the run that would resume it (or to the use it is put to):
+    another stage, model, dataset or setting, or an unfinished run."""
+
+
+def first_difference(recorded: Mapping[str, Any], given: Mapping[str, Any]) -> str | None:
+    """``"name=recorded, this run has name=given"`` for the first key whose values differ (a key
+    missing on one side counts as None); None when they agree."""
+    for key in (*recorded, *(k for k in given if k not in recorded)):
+        if recorded.get(key) != given.get(key):
+            return f"{key}={recorded.get(key)!r}, this run has {key}={given.get(key)!r}"
+    return None
+
+
 def _feed(digest: Any, value: Any) -> None:
     """Add ``value`` to ``digest`` in a form that survives torch.save/torch.load unchanged:
     tensors by dtype, shape and bytes; containers by their items in order; anything else by its

@@ -22,6 +22,8 @@ from tqdm.auto import tqdm
 from .checkpoint import (
     TRAINING_KEYS,
     CheckpointError,
+    CheckpointMismatchError,
+    first_difference,
     gather_rng_states,
     load_checkpoint,
     save_checkpoint,
@@ -62,6 +64,11 @@ class LoopOptions:
     #: How :func:`rnl_fast.models.build_model` rebuilds the model, stored in the checkpoint.
     model_name: str | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    #: How the training data was made (dataset name, subset size, seed, batch size, …), as the
+    #: caller describes it: recorded in the checkpoint, must match to resume.
+    data: dict[str, Any] = field(default_factory=dict)
+    #: The stage's own settings (learning rate, schedule, λ, …): recorded, must match to resume.
+    settings: dict[str, Any] = field(default_factory=dict)
     #: A tqdm bar per epoch (rank 0 only).
     progress: bool = True
 
@@ -98,19 +105,15 @@ class EpochLoop:
             missing = [key for key in TRAINING_KEYS if key not in state]
             if missing:
                 raise CheckpointError(f"checkpoint {path} lacks {missing}: not a training checkpoint")
-            if state["stage"] != options.stage:
-                raise ValueError(f"resume: checkpoint {path} is from stage {state['stage']}, not {options.stage}")
-            if state["epochs"] != options.epochs:
-                raise ValueError(
-                    f"epochs must match the checkpoint's ({state['epochs']}) to resume, got {options.epochs}"
-                )
-            if len(state["rng_states"]) != self.world_size:
-                raise ValueError(
-                    f"resume: checkpoint {path} was written by {len(state['rng_states'])} "
-                    f"ranks, this run has {self.world_size}"
-                )
-            self.model.load_state_dict(state["model_state"])
-            self.optimizer.load_state_dict(state["optimizer_state"])
+            self._check_resumable(state, path)
+            try:
+                self.model.load_state_dict(state["model_state"])
+                self.optimizer.load_state_dict(state["optimizer_state"])
+            except (RuntimeError, ValueError, KeyError) as error:
+                # torch's first line only names the module class; the second says what is wrong.
+                reason = " ".join(line.strip() for line in str(error).strip().splitlines()[:2]) or type(error).__name__
+                reason = reason if len(reason) <= 300 else reason[:297] + "..."
+                raise CheckpointMismatchError(f"resume: checkpoint {path} does not fit this model: {reason}") from error
             self.scheduler.load_state_dict(state["scheduler_state"])
             set_rng_state(state["rng_states"][self.rank], options.generator)
             self.history = list(state["history"])
@@ -120,6 +123,33 @@ class EpochLoop:
         torch.manual_seed(options.seed + self.rank)
         return None
 
+    def _check_resumable(self, state: dict[str, Any], path: str | os.PathLike[str]) -> None:
+        """Raise :class:`CheckpointMismatchError` (one line, naming the file and the first
+        difference) unless ``state`` was written by this same run: stage, epochs, ranks, model,
+        data and settings. A format-v1 checkpoint records no data or settings: those are not
+        checked."""
+        options = self.options
+        if state["stage"] != options.stage:
+            raise CheckpointMismatchError(
+                f"resume: checkpoint {path} is from stage {state['stage']}, not {options.stage}"
+            )
+        if state["epochs"] != options.epochs:
+            raise CheckpointMismatchError(
+                f"resume: epochs must match the checkpoint's ({state['epochs']}) to resume {path}, got {options.epochs}"
+            )
+        if len(state["rng_states"]) != self.world_size:
+            raise CheckpointMismatchError(
+                f"resume: checkpoint {path} was written by {len(state['rng_states'])} "
+                f"ranks, this run has {self.world_size}"
+            )
+        recorded_model = {"model": state.get("model_name"), **state.get("model_kwargs", {})}
+        comparisons = [(recorded_model, {"model": options.model_name, **options.model_kwargs})]
+        comparisons += [(state[key], getattr(options, key)) for key in ("data", "settings") if key in state]
+        for recorded, given in comparisons:
+            difference = first_difference(recorded, given)
+            if difference is not None:
+                raise CheckpointMismatchError(f"resume: checkpoint {path} belongs to another run: it has {difference}")
+
     def train_epochs(
         self,
         step: StepFn,
@@ -128,12 +158,15 @@ class EpochLoop:
         loader: Batches,
         check: Callable[[int], None] | None = None,
         checks_per_epoch: int = 1,
+        final: bool = True,
     ) -> None:
         """Run the remaining epochs. Each: steps (with the running-max reduction under DDP), BN
         statistics averaged, ``summarize(train_stats)`` → history entry, schedule, checkpoint
         (with ``extra_state()``). With ``check``, ``check(steps_done)`` also runs after
         ``checks_per_epoch − 1`` evenly spaced steps inside each epoch (the epoch's end is
-        ``summarize``'s); every rank calls it at the same steps."""
+        ``summarize``'s); every rank calls it at the same steps. ``final``: the last epoch's
+        checkpoint is the run's result (``finished``); False when the stage writes its result
+        after the loop."""
         device = self.options.device
         total = len(loader) if hasattr(loader, "__len__") else None
         check_after = set()
@@ -175,7 +208,7 @@ class EpochLoop:
                 bar.set_postfix({k: f"{v:.4g}" for k, v in entry.items() if isinstance(v, float) and k != "lr"})
             self.history.append(entry)
             self.scheduler.step()
-            self.save(epoch + 1, extra_state())
+            self.save(epoch + 1, extra_state(), finished=final and epoch + 1 == self.options.epochs)
 
     def _reduce_stats(self, sums: dict[str, Tensor], correct: Tensor, samples: int) -> dict[str, float]:
         """Sample-weighted epoch means of the named losses and the training accuracy, over all ranks."""
@@ -189,8 +222,15 @@ class EpochLoop:
         stats["train_acc"] = 100.0 * values[-2] / values[-1]
         return stats
 
-    def save(self, epoch: int, extra: dict[str, Any], model_state: dict[str, Tensor] | None = None) -> None:
-        """Checkpoint after ``epoch`` completed epochs (rank 0 writes; every rank must call)."""
+    def save(
+        self,
+        epoch: int,
+        extra: dict[str, Any],
+        model_state: dict[str, Tensor] | None = None,
+        finished: bool = False,
+    ) -> None:
+        """Checkpoint after ``epoch`` completed epochs (rank 0 writes; every rank must call);
+        ``finished``: the file holds the run's result."""
         options = self.options
         if options.checkpoint_path is None:
             return
@@ -207,7 +247,10 @@ class EpochLoop:
             scheduler_state=self.scheduler.state_dict(),
             history=self.history,
             rng_states=rng_states,
+            finished=finished,
             model_name=options.model_name,
             model_kwargs=options.model_kwargs,
+            data=options.data,
+            settings=options.settings,
             **extra,
         )
