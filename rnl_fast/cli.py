@@ -445,6 +445,10 @@ def main(argv: list[str] | None = None) -> int:
     except (data.DatasetNotFoundError, train.CheckpointError, ConversionError, ValueError, FileNotFoundError) as error:
         print(f"rnl-fast {args.command}: error: {error}".splitlines()[0], file=sys.stderr)
         return 2
+    except train.TrainingInterrupted as interrupt:
+        if getattr(args, "rank", 0) == 0:
+            print(f"rnl-fast {args.command}: {interrupt.describe('the same command and --resume')}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print(f"rnl-fast {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -332,3 +332,30 @@ def test_flipped_checkpoint_is_refused_by_evaluate(capsys, tmp_path, trained):
     path.write_bytes(bytes(content))
     argv = ["evaluate", "--checkpoint", str(path), "--method", "rnl", "-T", "4", *_TINY]
     _one_line_exit_2(_run(capsys, *argv), f"checkpoint {path} is corrupt", "checksum")
+
+
+def test_ctrl_c_says_which_epoch_is_saved_and_how_to_continue(tmp_path):
+    """SIGINT in the middle of a run: exit 130, and one line saying what the checkpoint holds and
+    that --resume continues; the file holds that epoch, and --resume does continue it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from rnl_fast import train
+
+    out = tmp_path / "run.pt"
+    argv = [sys.executable, "-m", "rnl_fast.cli", "train", "--epochs", "50", "--out", str(out), *_TINY]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    deadline = time.monotonic() + 240
+    while not out.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.1)
+    assert out.exists(), process.communicate()[1][-2000:]
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    saved = train.load_checkpoint(out)["epoch"]
+    assert 1 <= saved < 50
+    assert f"interrupted in epoch {saved + 1} of 50" in last, last
+    assert f"{out} holds epoch {saved} of 50" in last and "--resume" in last, last

@@ -502,6 +502,55 @@ def test_checkpoint_records_whether_the_run_finished(stage: int, stage1_model, s
     assert state["settings"]["lr"] == (0.05 if stage == 1 else 0.01)
 
 
+class _CtrlCAfter(_StopAfter):
+    """Like :class:`_StopAfter`, with Ctrl-C (KeyboardInterrupt) instead of a crash."""
+
+    def __iter__(self):
+        if self.passes == 0:
+            raise KeyboardInterrupt
+        self.passes -= 1
+        yield from self.loader
+
+
+def test_ctrl_c_reports_what_the_checkpoint_holds(tmp_path: Path, splits) -> None:
+    path = tmp_path / "run.pt"
+    train_loader, val_loader, generator = _loaders(splits)
+    common = dict(epochs=3, val_loader=val_loader, generator=generator, lr=0.05, progress=False)
+    with pytest.raises(train.TrainingInterrupted) as info:
+        train.train_stage1(_new_model(), _CtrlCAfter(train_loader, 0), checkpoint_path=path, **common)
+    assert (info.value.epoch, info.value.saved_epoch) == (1, None) and not path.exists()
+    assert "before the first checkpoint: nothing saved" in str(info.value)
+    with pytest.raises(KeyboardInterrupt) as info:  # still a KeyboardInterrupt
+        train.train_stage1(_new_model(), _CtrlCAfter(train_loader, 2), checkpoint_path=path, **common)
+    assert (info.value.epoch, info.value.saved_epoch, info.value.epochs) == (3, 2, 3)
+    assert f"{path} holds epoch 2 of 3: rerun with resume=True" in str(info.value)
+    with pytest.raises(train.TrainingInterrupted) as info:  # a resumed run holds its start
+        train.train_stage1(_new_model(), _CtrlCAfter(train_loader, 0), checkpoint_path=path, resume=True, **common)
+    assert (info.value.epoch, info.value.saved_epoch) == (3, 2)
+
+
+def test_ctrl_c_during_a_checkpoint_write_waits_for_the_file(
+    tmp_path: Path, splits, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGINT arriving while the checkpoint is written: the write completes, then training stops,
+    and the report names the epoch just written (not the one before)."""
+    import signal
+
+    from rnl_fast.train import loop
+
+    real_save = loop.save_checkpoint
+
+    def save_with_ctrl_c(path, **state) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        real_save(path, **state)
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_with_ctrl_c)
+    path = tmp_path / "run.pt"
+    with pytest.raises(train.TrainingInterrupted) as info:
+        _stage1(_new_model(), splits, epochs=3, checkpoint_path=path)
+    assert info.value.saved_epoch == 1 and train.load_checkpoint(path)["epoch"] == 1
+
+
 def test_model_from_checkpoint_rebuilds_the_model(tmp_path: Path, splits) -> None:
     kwargs = {"activation": "rnl", "in_channels": 1, "num_classes": NUM_CLASSES, "input_size": IMAGE_SIZE}
     torch.manual_seed(0)

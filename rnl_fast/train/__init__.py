@@ -28,7 +28,7 @@ from .distributed import (
     shard,
 )
 from .evaluation import Batches, evaluate_ann
-from .loop import HistoryEntry, StepFn
+from .loop import HistoryEntry, StepFn, TrainingInterrupted
 from .stages import PAPER_LAMBDA, READOUT_LR_SCALE, tie_rate_norm_p, train_stage1, train_stage2
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "CheckpointMismatchError",
     "HistoryEntry",
     "StepFn",
+    "TrainingInterrupted",
     "all_reduce_running_max",
     "average_batch_norm_stats",
     "cleanup_distributed",
