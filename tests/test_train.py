@@ -689,6 +689,31 @@ def test_ddp_two_ranks(tmp_path: Path) -> None:
     _assert_states_equal(checkpoint["model_state"], ranks[0]["after_stage2"])
 
 
+def test_ddp_running_max_is_single_process_only_without_batch_norm_before() -> None:
+    """What ``all_reduce_running_max`` gives, on two "ranks" simulated in one process (two copies
+    of one network, each trained on its share of a global batch) against one process on the whole
+    batch (docs/training.md, "Data parallel"):
+
+    - a Rate Norm Layer with no batch statistics before it (tiny_model's first): the MAX over
+      ranks of their local updates is exactly the single-process running max;
+    - one behind a BatchNorm in train mode (its second; every Rate Norm Layer of cnn7): each rank
+      normalises its share by its own statistics, so the MAX over ranks is what the ranks saw, not
+      what one process would (issue 13 measured 3.13 against 2.58 on cnn7)."""
+    torch.manual_seed(0)
+    single = tiny_model().train()
+    ranks = [copy.deepcopy(single) for _ in range(2)]
+    x = torch.rand(32, 1, IMAGE_SIZE, IMAGE_SIZE)
+    x[16:] *= 3.0  # rank 1's share is brighter, as in ddp_train_worker
+    with torch.no_grad():
+        single(x)
+        for rank, model in enumerate(ranks):
+            model(x[16 * rank : 16 * (rank + 1)])
+    layers = [[m for m in model.modules() if isinstance(m, RateNorm)] for model in (single, *ranks)]
+    reduced = [torch.maximum(a.running_max, b.running_max) for a, b in zip(layers[1], layers[2])]
+    assert torch.equal(reduced[0], layers[0][0].running_max)
+    assert not torch.allclose(reduced[1], layers[0][1].running_max, rtol=1e-3)
+
+
 def test_ddp_channel_wise_running_max(tmp_path: Path) -> None:
     """torchrun, 2 CPU ranks (gloo), stage 1 with channel-wise Rate Norm Layers beside a
     per-layer one: after every training step each running max is the same on both ranks and is
