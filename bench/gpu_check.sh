@@ -159,6 +159,12 @@ fi
 # The script starts no baseline after --budget-s and prints its table on SIGTERM, so the
 # timeout below (what is left) cuts it short without losing the figures already measured.
 limit=$(($(seconds_left) - 5))
+if ((limit < 40)); then
+    say "benchmarks: no time left (${limit} s)"
+    FAILED+=("benchmarks (no time left)")
+    printf 'FAILED: %s\n' "${FAILED[@]}"
+    exit 1
+fi
 say "benchmarks: bench/gpu_bench.py (limit ${limit} s)"
 bench_args=(--log-dir "$LOG_DIR" --budget-s "$((limit - 60 > 30 ? limit - 60 : 30))")
 if [[ $DRY_RUN == 1 ]]; then

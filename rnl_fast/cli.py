@@ -144,11 +144,20 @@ def _add_latency_arguments(p: argparse.ArgumentParser, variants: bool) -> None:
     )
 
 
+def _add_unfinished_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-unfinished",
+        action="store_true",
+        help="accept checkpoints of runs that have not finished their epochs (default: refuse)",
+    )
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Each option's default after its help, except where there is none to show (None, required)."""
+    """Each option's default after its help, except where there is none to show (None, required)
+    or the help already says it in words ("default: refuse")."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.required:
+        if action.default is None or action.required or "default:" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
@@ -188,7 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=_non_negative_int, default=4, help="training epochs")
     t.add_argument("--lr", type=_float, default=None, help="None: 0.1 (stage 1), 0.01 (stage 2)")
     _add_method_arguments(t, tolerance=0.5)
-    t.add_argument("--resume", action="store_true", help="continue from --out if it exists")
+    existing = t.add_mutually_exclusive_group()
+    existing.add_argument(
+        "--resume", action="store_true", help="continue the run in --out if it exists (same settings required)"
+    )
+    existing.add_argument("--force", action="store_true", help="overwrite --out if it exists (default: refuse)")
     t.add_argument("--out", required=True, help="checkpoint file to write")
     _add_data_arguments(t)
 
@@ -199,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--method", choices=METHODS, required=True, help="the conversion method")
     e.add_argument("-T", "--steps", dest="T", type=_positive_int, default=256, help="simulation time steps")
     e.add_argument("--out", default=None, help="directory for results.json and figures")
+    _add_unfinished_argument(e)
     _add_latency_arguments(e, variants=False)
     _add_data_arguments(e)
 
@@ -212,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("-T", "--steps", dest="T", type=_positive_int, default=256, help="simulation time steps")
     c.add_argument("--out", default=None, help="directory for results.json and figures")
+    _add_unfinished_argument(c)
     _add_latency_arguments(c, variants=True)
     _add_data_arguments(c)
 
@@ -271,6 +286,17 @@ def _print_table(results: dict, model_name: str, experiment: pipeline.Experiment
     return sentences
 
 
+def _checked(state: dict, path: str, args, stage: int, use: str) -> dict:
+    """``state`` after :func:`rnl_fast.pipeline.check_checkpoint` for ``use`` on ``args.dataset``
+    (its notes on stderr)."""
+    allow = getattr(args, "allow_unfinished", False)
+    for note in pipeline.check_checkpoint(
+        state, path, stage=stage, dataset=args.dataset, allow_unfinished=allow, use=use
+    ):
+        print(f"rnl-fast {args.command}: note: {note}", file=sys.stderr)
+    return state
+
+
 def _write_report(out: Path, args, model_name: str, images: int, results: dict, verdict: list[str]) -> None:
     paths = pipeline.write_report(out, args.dataset, model_name, args.T, images, results, verdict)
     print(f"\nwrote {paths[0]}, " + ", ".join(path.name for path in paths[1:]))
@@ -291,8 +317,20 @@ def cmd_train(args) -> None:
 def _train(args) -> None:
     if args.stage == 2 and args.source is None:
         raise ValueError("stage 2 needs --from <stage-1 checkpoint>")
+    if Path(args.out).exists() and not (args.resume or args.force):
+        raise ValueError(f"{args.out} exists: --resume continues its run, --force overwrites it")
+    source = None
+    if args.stage == 2:  # checked before any data is loaded
+        source = _checked(train.load_checkpoint(args.source), args.source, args, 1, "stage 2 --from")
     experiment = _experiment(args)
+    data_info = {
+        "dataset": args.dataset,
+        "train_images": args.train_images,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+    }
     common = dict(
+        data_info=data_info,
         device=args.device,
         seed=args.seed,
         generator=experiment.generator,
@@ -317,7 +355,6 @@ def _train(args) -> None:
             **common,
         )
     else:
-        source = train.load_checkpoint(args.source)
         model = train.model_from_state(source, args.device, source=args.source)
         kwargs = {**source.get("model_kwargs", {}), **({"shared_p": True} if args.shared_p else {})}
         history = train.train_stage2(
@@ -341,6 +378,8 @@ def _train(args) -> None:
 
 def cmd_evaluate(args) -> None:
     state = train.load_checkpoint(args.checkpoint)
+    stage = pipeline.STAGE_OF_METHOD[args.method]
+    _checked(state, args.checkpoint, args, stage, f"method {args.method}")
     model = train.model_from_state(state, args.device, source=args.checkpoint)
     model_name = state.get("model_name", "model")
     experiment = _experiment(args, with_training=args.method in pipeline.CALIBRATED_METHODS)
@@ -399,7 +438,11 @@ def cmd_compare(args) -> None:
     given = {kind: path for kind, path in checkpoints.items() if path}
     if not given:
         raise ValueError("give at least one of --relu, --rnl, --rnl-ril, --qcfs, --rnl-qcfs")
-    states = {kind: train.load_checkpoint(path) for kind, path in given.items()}
+    states = {}
+    for kind, path in given.items():
+        method = next(m for m, source in pipeline.SOURCE_OF_METHOD.items() if source == kind)
+        stage = pipeline.STAGE_OF_METHOD[method]
+        states[kind] = _checked(train.load_checkpoint(path), path, args, stage, f"--{kind.replace('_', '-')}")
     nets = {kind: train.model_from_state(state, args.device, source=given[kind]) for kind, state in states.items()}
     model_name = next(iter(states.values())).get("model_name", "model")
     sources = pipeline.sources_with_variants(nets, args.v_init, args.channel_wise)
@@ -419,6 +462,10 @@ def main(argv: list[str] | None = None) -> int:
     except (data.DatasetNotFoundError, train.CheckpointError, ConversionError, ValueError, FileNotFoundError) as error:
         print(f"rnl-fast {args.command}: error: {error}".splitlines()[0], file=sys.stderr)
         return 2
+    except train.TrainingInterrupted as interrupt:
+        if getattr(args, "rank", 0) == 0:
+            print(f"rnl-fast {args.command}: {interrupt.describe('the same command and --resume')}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print(f"rnl-fast {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -118,6 +118,16 @@ class IFSequence(nn.Module):
         self.step_spike_counts: Tensor | None = None
         self._neuron_counts: Tensor | None = None
 
+    def _apply(self, fn, recurse=True):
+        # .to(device) moves a tensor threshold; a dtype cast (net.to(torch.bfloat16)) leaves it
+        # float32: the kernels integrate in float32 (float64 for float64 input) whatever the input
+        # dtype, and a threshold rounded to bfloat16 would change which steps fire.
+        kept = {name: buffer for name, buffer in self._buffers.items() if buffer is not None}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            self._buffers[name] = before.to(self._buffers[name].device)
+        return self
+
     def __getstate__(self) -> dict:
         # The carried state may hang on an autograd graph: copies and pickles start reset.
         return {**super().__getstate__(), "v": None, "step_spike_counts": None, "_neuron_counts": None}

@@ -38,6 +38,9 @@ SOURCE_OF_METHOD = {
     "qcfs": "qcfs",
     "rnl_qcfs": "rnl_qcfs",
 }
+#: The training stage of the checkpoint each method converts: the Rate Norm methods after stage 2
+#: ("rnl_ril", "rnl_qcfs") or before it ("rnl"); the others convert networks that have one stage.
+STAGE_OF_METHOD = {"maxnorm": 1, "robustnorm": 1, "rnl": 1, "rnl_ril": 2, "qcfs": 1, "rnl_qcfs": 2}
 #: The methods whose thresholds come from calibration data, and so can be made channel-wise from
 #: a network as it is trained (the Rate Norm methods need RateNorm layers trained per channel).
 CALIBRATED_METHODS = ("maxnorm", "robustnorm")
@@ -96,6 +99,52 @@ def prepare_data(
     return ExperimentData(train_loader, val_loader, test_loader, test_set, generator)
 
 
+def check_checkpoint(
+    state: Mapping,
+    path: str | Path,
+    *,
+    stage: int | None = None,
+    dataset: str | None = None,
+    allow_unfinished: bool = False,
+    use: str = "",
+) -> list[str]:
+    """Check that a loaded training checkpoint fits its use: written by ``stage`` (1 or 2), on
+    ``dataset``, and finished (the last epoch of its run written as its result) unless
+    ``allow_unfinished``. ``use`` (e.g. ``"method rnl_ril"``) is named in the message.
+
+    Returns notes on what could not be checked: a format-v1 checkpoint records neither its
+    dataset nor whether it finished (it counts as finished when its last epoch was written).
+
+    Raises:
+        rnl_fast.train.CheckpointMismatchError: one line naming the file and the mismatch.
+    """
+    notes = []
+    purpose = f" ({use})" if use else ""
+    if stage is not None and state.get("stage") != stage:
+        hint = f": train stage 2 --from {path} first" if stage == 2 and state.get("stage") == 1 else ""
+        raise train.CheckpointMismatchError(
+            f"checkpoint {path} is from stage {state.get('stage')}, a stage-{stage} checkpoint is needed{purpose}{hint}"
+        )
+    recorded = state.get("data", {}).get("dataset")
+    if dataset is not None and recorded is not None and recorded != dataset:
+        raise train.CheckpointMismatchError(
+            f"checkpoint {path} was trained on {recorded}, not {dataset} (give --dataset {recorded})"
+        )
+    finished = state.get("finished")
+    if finished is None:
+        finished = state.get("epoch") == state.get("epochs")
+        notes.append(
+            f"checkpoint {path} ({state.get('format')}) does not record its dataset or whether it finished; "
+            "neither was checked"
+        )
+    if not finished and not allow_unfinished:
+        raise train.CheckpointMismatchError(
+            f"checkpoint {path} is an unfinished run (epoch {state.get('epoch')} of {state.get('epochs')}): "
+            "finish it with train --resume, or allow it explicitly (--allow-unfinished)"
+        )
+    return notes
+
+
 def model_kwargs(activation: str, dataset: data.ImageDataset) -> dict:
     """The builder arguments of a network for ``dataset``'s images and classes."""
     return dict(
@@ -146,6 +195,7 @@ def _train_stage1(
         checkpoint_path=out / f"{name}.pt",
         model_name=plan.model_name,
         model_kwargs=kwargs,
+        data_info={"dataset": experiment.test_set.name},
         **common,
     )
     return net
@@ -169,6 +219,7 @@ def _train_stage2(
         checkpoint_path=out / f"{name}.pt",
         model_name=plan.model_name,
         model_kwargs={**kwargs, "shared_p": plan.shared_p},
+        data_info={"dataset": experiment.test_set.name},
         **common,
     )
     return net

@@ -156,6 +156,8 @@ def test_train_then_evaluate_on_synthetic_data(capsys, tmp_path):
     assert code == 0 and "rnl_ril+half" in out
     method = json.loads((out_dir / "results.json").read_text())["methods"]["rnl_ril+half"]
     assert (method["method"], method["v_init"], method["channel_wise"]) == ("rnl_ril", 0.5, False)
+    # The stage-1 network (method rnl converts it; a stage-2 checkpoint is refused for rnl).
+    evaluate[2] = str(ckpt)
     code, _out, err = _run(capsys, *evaluate, "--method", "rnl", "--channel-wise")
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "channel_wise=True with method 'rnl' needs a network trained with RateNorm(channel_wise=True)" in err
@@ -241,3 +243,148 @@ def test_same_seed_same_network_in_two_processes(tmp_path):
     assert states[0].keys() == states[1].keys()
     for name in states[0]:
         assert torch.equal(states[0][name], states[1][name]), name
+
+
+# ─── checkpoints that catch misuse (issue 13) ───
+
+_TINY = ["--dataset", "synthetic", "--batch-size", "64", "--train-images", "320", "--test-images", "32"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    """One stage-1 and one stage-2 checkpoint of the tiny synthetic run (written once)."""
+    directory = tmp_path_factory.mktemp("trained")
+    paths = {"s1": directory / "s1.pt", "s2": directory / "s2.pt"}
+    assert cli.main(["train", "--epochs", "1", "--out", str(paths["s1"]), *_TINY]) == 0
+    argv = ["train", "--stage", "2", "--from", str(paths["s1"]), "--epochs", "1", "--checks-per-epoch", "1"]
+    assert cli.main([*argv, "--out", str(paths["s2"]), *_TINY]) == 0
+    return paths
+
+
+def _one_line_exit_2(result: tuple[int, str, str], *parts: str) -> str:
+    code, _out, err = result
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    for part in parts:
+        assert part in err, err
+    return err
+
+
+def test_train_refuses_to_overwrite_a_checkpoint_without_force(capsys, tmp_path, trained):
+    out = tmp_path / "s1.pt"
+    out.write_bytes(trained["s1"].read_bytes())
+    before = out.read_bytes()
+    argv = ["train", "--epochs", "1", "--out", str(out), *_TINY]
+    _one_line_exit_2(_run(capsys, *argv), f"{out} exists", "--resume", "--force")
+    assert out.read_bytes() == before
+    assert _run(capsys, *argv, "--resume", "--force")[0] == 2  # one or the other
+    argv[2] = "2"  # another run (the same one would write the same bytes: training is deterministic)
+    assert _run(capsys, *argv, "--force")[0] == 0
+    assert train_state(out)["epoch"] == 2
+
+
+def train_state(path):
+    from rnl_fast import train
+
+    return train.load_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    "change, parts",
+    [
+        (["--activation", "relu"], ["activation='rnl', this run has activation='relu'"]),
+        (["--model", "alexnet_mnist"], ["model='cnn7', this run has model='alexnet_mnist'"]),
+        (["--train-images", "640"], ["train_images=320, this run has train_images=640"]),
+        (["--lr", "0.05"], ["lr=0.1, this run has lr=0.05"]),
+    ],
+    ids=["activation", "model", "train-images", "lr"],
+)
+def test_resume_of_another_run_is_one_line(capsys, tmp_path, trained, change, parts):
+    out = tmp_path / "s1.pt"
+    out.write_bytes(trained["s1"].read_bytes())
+    argv = ["train", "--epochs", "1", "--out", str(out), "--resume", *_TINY, *change]
+    _one_line_exit_2(_run(capsys, *argv), f"checkpoint {out} belongs to another run", *parts)
+
+
+def test_checkpoint_records_its_run(trained):
+    state = train_state(trained["s2"])
+    assert state["stage"] == 2 and state["finished"] is True and state["model_name"] == "cnn7"
+    assert state["data"] == {"dataset": "synthetic", "train_images": 320, "batch_size": 64, "seed": 0}
+    assert state["model_kwargs"]["activation"] == "rnl" and state["model_kwargs"]["shared_p"] is True
+
+
+@pytest.mark.parametrize(
+    "which, method, extra, parts",
+    [
+        ("s1", "rnl_ril", [], ["s1.pt is from stage 1, a stage-2 checkpoint is needed (method rnl_ril)"]),
+        ("s2", "rnl", [], ["s2.pt is from stage 2, a stage-1 checkpoint is needed (method rnl)"]),
+        ("s2", "rnl_ril", ["--dataset", "mnist"], ["s2.pt was trained on synthetic, not mnist"]),
+    ],
+    ids=["stage1-as-rnl_ril", "stage2-as-rnl", "other-dataset"],
+)
+def test_evaluate_checks_stage_and_dataset(capsys, trained, which, method, extra, parts):
+    argv = ["evaluate", "--checkpoint", str(trained[which]), "--method", method, "-T", "4", *_TINY, *extra]
+    _one_line_exit_2(_run(capsys, *argv), *parts)
+
+
+def test_compare_and_stage2_check_their_checkpoints(capsys, tmp_path, trained):
+    compare = ["compare", "--rnl-ril", str(trained["s1"]), "-T", "4", *_TINY]
+    _one_line_exit_2(_run(capsys, *compare), "s1.pt is from stage 1", "(--rnl-ril)")
+    stage2 = ["train", "--stage", "2", "--from", str(trained["s2"]), "--epochs", "1", "--out", str(tmp_path / "x.pt")]
+    _one_line_exit_2(_run(capsys, *stage2, *_TINY), "s2.pt is from stage 2", "stage 2 --from")
+    _one_line_exit_2(_run(capsys, *stage2[:4], str(trained["s1"]), *stage2[5:], *_TINY[2:]), "not mnist")
+
+
+def test_unfinished_and_old_checkpoints(capsys, tmp_path, trained):
+    from rnl_fast import train
+
+    state = {k: v for k, v in train_state(trained["s1"]).items() if k not in ("format", "checksum")}
+    unfinished = tmp_path / "unfinished.pt"
+    train.save_checkpoint(unfinished, **{**state, "epoch": 9, "epochs": 50, "finished": False})
+    argv = ["evaluate", "--method", "rnl", "-T", "4", *_TINY, "--checkpoint"]
+    _one_line_exit_2(_run(capsys, *argv, str(unfinished)), "unfinished run (epoch 9 of 50)", "--allow-unfinished")
+    code, out, err = _run(capsys, *argv, str(unfinished), "--allow-unfinished")
+    assert code == 0 and "rnl" in out, err
+    # Format v1: no checksum, data, settings or finished flag; loaded, not checked, and said so.
+    old = tmp_path / "v1.pt"
+    v1 = {k: v for k, v in state.items() if k not in ("data", "settings", "finished")}
+    torch.save({"format": "rnl_fast-checkpoint-v1", **v1}, old)
+    code, out, err = _run(capsys, *argv, str(old))
+    assert code == 0 and "note: checkpoint" in err and "does not record its dataset" in err, err
+
+
+def test_flipped_checkpoint_is_refused_by_evaluate(capsys, tmp_path, trained):
+    path = tmp_path / "flipped.pt"
+    content = bytearray(trained["s1"].read_bytes())
+    middle = len(content) // 2
+    content[middle - 200 : middle + 200] = bytes(b ^ 0xFF for b in content[middle - 200 : middle + 200])
+    path.write_bytes(bytes(content))
+    argv = ["evaluate", "--checkpoint", str(path), "--method", "rnl", "-T", "4", *_TINY]
+    _one_line_exit_2(_run(capsys, *argv), f"checkpoint {path} is corrupt", "checksum")
+
+
+def test_ctrl_c_says_which_epoch_is_saved_and_how_to_continue(tmp_path):
+    """SIGINT in the middle of a run: exit 130, and one line saying what the checkpoint holds and
+    that --resume continues; the file holds that epoch, and --resume does continue it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from rnl_fast import train
+
+    out = tmp_path / "run.pt"
+    argv = [sys.executable, "-m", "rnl_fast.cli", "train", "--epochs", "50", "--out", str(out), *_TINY]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    deadline = time.monotonic() + 240
+    while not out.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.1)
+    assert out.exists(), process.communicate()[1][-2000:]
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    saved = train.load_checkpoint(out)["epoch"]
+    assert 1 <= saved < 50
+    assert f"interrupted in epoch {saved + 1} of 50" in last, last
+    assert f"{out} holds epoch {saved} of 50" in last and "--resume" in last, last

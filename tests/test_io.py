@@ -85,3 +85,65 @@ def test_every_writer_of_the_package_is_atomic_with_the_umask_mode(tmp_path: Pat
         os.umask(previous)
     modes = {p.name: _mode(p) for p in tmp_path.iterdir()}  # and no temporary file
     assert modes == {"cache.npz": 0o644, "results.json": 0o644, "run.pt": 0o644}
+
+
+_WRITER_KILLED_MID_WRITE = """
+import sys
+from rnl_fast._io import atomic_write
+with atomic_write(sys.argv[1]) as file:
+    file.write(b"half of a checkpoint")
+    file.flush()
+    print("writing", flush=True)
+    sys.stdin.read()  # blocks until killed
+"""
+
+
+def _killed_writer(path: Path) -> None:
+    """A process that dies by SIGKILL inside ``atomic_write(path)``, as `kill -9` mid-save."""
+    import signal
+    import subprocess
+    import sys
+
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _WRITER_KILLED_MID_WRITE, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert writer.stdout.readline() == "writing\n"
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(timeout=60)
+
+
+def test_orphans_of_killed_writers_are_removed_by_the_next_write(tmp_path: Path) -> None:
+    """kill -9 during a write leaves its temporary file; the next write of the same file removes
+    it (and every other one whose writer is dead), so repeated kills do not pile files up."""
+    path = tmp_path / "run.pt"
+    path.write_bytes(b"old")
+    for _ in range(3):  # each killed writer's own start removes its predecessor's orphan
+        _killed_writer(path)
+        orphans = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+        assert len(orphans) == 1 and path.read_bytes() == b"old"
+    with atomic_write(path) as file:
+        file.write(b"new")
+    assert [p.name for p in tmp_path.iterdir()] == ["run.pt"] and path.read_bytes() == b"new"
+
+
+def test_a_live_writers_temporary_and_other_files_are_kept(tmp_path: Path) -> None:
+    """Cleaning up never touches a write in progress (its process is alive), the temporaries of
+    another target, or files that only look similar."""
+    path = tmp_path / "run.pt"
+    _killed_writer(tmp_path / "other.pt")
+    bystanders = {p.name for p in tmp_path.iterdir()} | {"run.pt.tmp", ".run.pt.notes.tmp", "run.pt.bak"}
+    for name in ("run.pt.tmp", ".run.pt.notes.tmp", "run.pt.bak"):
+        (tmp_path / name).write_bytes(b"keep")
+    with atomic_write(path) as outer:
+        outer.write(b"outer")
+        in_progress = {p.name for p in tmp_path.iterdir()} - bystanders
+        with atomic_write(path) as inner:  # a second writer of the same file in this live process
+            inner.write(b"inner")
+        assert in_progress <= {p.name for p in tmp_path.iterdir()}
+    assert {p.name for p in tmp_path.iterdir()} == bystanders | {"run.pt"}
+    assert path.read_bytes() == b"outer"

@@ -320,6 +320,68 @@ def test_corrupt_checkpoint_raises_clear_error(tmp_path: Path, content) -> None:
     assert str(path) in message and "\n" not in message
 
 
+def _realistic_state() -> dict:
+    """What a training checkpoint holds, in miniature: weights, optimiser state, history, RNG."""
+    torch.manual_seed(0)
+    model = tiny_model()
+    return {
+        "stage": 1,
+        "epoch": 1,
+        "epochs": 2,
+        "model_state": model.state_dict(),
+        "big": torch.randn(20_000),
+        "history": [{"epoch": 1, "lr": 0.1, "val_acc": 50.0, "omega": None, "checks": []}],
+        "rng_states": [{"torch": torch.get_rng_state()}],
+        "model_kwargs": {"activation": "rnl", "levels": None},
+    }
+
+
+def _flip(path: Path, offset: int, count: int) -> None:
+    content = bytearray(path.read_bytes())
+    content[offset : offset + count] = bytes(b ^ 0xFF for b in content[offset : offset + count])
+    path.write_bytes(bytes(content))
+
+
+def test_flipped_bytes_in_the_middle_are_caught(tmp_path: Path) -> None:
+    """Issue 13: 400 bytes flipped in the middle of a checkpoint loaded and evaluated at 3 %."""
+    path = tmp_path / "run.pt"
+    train.save_checkpoint(path, **_realistic_state())
+    _flip(path, path.stat().st_size // 2 - 200, 400)
+    with pytest.raises(train.CheckpointError) as info:
+        train.load_checkpoint(path)
+    message = str(info.value)
+    assert str(path) in message and "checksum" in message and "\n" not in message
+
+
+def test_no_flip_anywhere_loads_as_different_content(tmp_path: Path) -> None:
+    """16 bytes flipped at 40 places across the file: each either fails to load with a
+    CheckpointError or (zip padding, unused metadata) loads exactly what was saved."""
+    clean = tmp_path / "clean.pt"
+    saved = _realistic_state()
+    train.save_checkpoint(clean, **saved)
+    size = clean.stat().st_size
+    caught = 0
+    for offset in range(0, size - 16, size // 40):
+        path = tmp_path / "flipped.pt"
+        path.write_bytes(clean.read_bytes())
+        _flip(path, offset, 16)
+        try:
+            state = train.load_checkpoint(path)
+        except train.CheckpointError:
+            caught += 1
+            continue
+        assert train.checkpoint.payload_digest(state) == train.checkpoint.payload_digest(saved), offset
+    assert caught >= 30
+
+
+def test_checkpoints_before_checksums_still_load(tmp_path: Path) -> None:
+    """Format v1 (no checksum) is read without verification, and says so in its format."""
+    path = tmp_path / "v1.pt"
+    torch.save({"format": "rnl_fast-checkpoint-v1", **_realistic_state()}, path)
+    state = train.load_checkpoint(path)
+    assert state["format"] == "rnl_fast-checkpoint-v1" and torch.equal(state["big"], _realistic_state()["big"])
+
+
 def test_missing_checkpoint_raises_checkpoint_error(tmp_path: Path) -> None:
     with pytest.raises(train.CheckpointError, match="does not exist"):
         train.load_checkpoint(tmp_path / "absent.pt")
@@ -373,6 +435,120 @@ def test_resume_rejects_other_stage_or_epochs(tmp_path: Path, splits) -> None:
         _stage1(_new_model(), splits, epochs=2, checkpoint_path=path, resume=True)
     with pytest.raises(ValueError, match="stage 1"):
         _stage2(_new_model(), splits, epochs=1, checkpoint_path=path, resume=True)
+
+
+@pytest.mark.parametrize(
+    "change, difference",
+    [
+        pytest.param(
+            {"model_kwargs": {"activation": "relu"}}, "activation=None, this run has activation='relu'", id="model"
+        ),
+        pytest.param({"model_name": "vgg"}, "model=None, this run has model='vgg'", id="model-name"),
+        pytest.param(
+            {"data_info": {"dataset": "synthetic", "train_images": 320}},
+            "train_images=640, this run has train_images=320",
+            id="train-images",
+        ),
+        pytest.param({"data_info": {"dataset": "mnist", "train_images": 640}}, "dataset='synthetic'", id="dataset"),
+        pytest.param({"lr": 0.1}, "lr=0.05, this run has lr=0.1", id="lr"),
+        pytest.param({"readout_lr_scale": 1.0}, "readout_lr_scale=10.0", id="readout"),
+    ],
+)
+def test_resume_rejects_another_run(tmp_path: Path, splits, change: dict, difference: str) -> None:
+    """A checkpoint resumes only the run that wrote it: the first difference in model, data or
+    settings is named in one line (before, another --train-images was accepted silently and
+    another --model/--activation gave a raw state_dict traceback)."""
+    path = tmp_path / "run.pt"
+    data_info = {"dataset": "synthetic", "train_images": 640}
+    _stage1(_new_model(), splits, epochs=1, checkpoint_path=path, data_info=data_info)
+    written = path.read_bytes()
+    with pytest.raises(train.CheckpointMismatchError) as info:
+        _stage1(_new_model(), splits, epochs=1, checkpoint_path=path, resume=True, **{"data_info": data_info, **change})
+    message = str(info.value)
+    assert f"checkpoint {path} belongs to another run" in message and difference in message, message
+    assert "\n" not in message and path.read_bytes() == written  # nothing trained, nothing written
+
+
+def test_resume_into_a_model_the_weights_do_not_fit(tmp_path: Path, splits) -> None:
+    path = tmp_path / "run.pt"
+    _stage1(_new_model(), splits, epochs=1, checkpoint_path=path)
+    other = nn.Sequential(nn.Conv2d(1, 2, 3), RateNorm(), nn.Flatten(), nn.LazyLinear(NUM_CLASSES))
+    with pytest.raises(train.CheckpointMismatchError) as info:
+        _stage1(other, splits, epochs=1, checkpoint_path=path, resume=True)
+    message = str(info.value)
+    assert f"checkpoint {path} does not fit this model" in message and "\n" not in message
+    assert "Missing key" in message or "Unexpected key" in message or "size mismatch" in message
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_checkpoint_records_whether_the_run_finished(stage: int, stage1_model, splits, tmp_path: Path) -> None:
+    path = tmp_path / "run.pt"
+    train_loader, val_loader, generator = _loaders(splits)
+    common = dict(epochs=2, generator=generator, progress=False, checkpoint_path=path, data_info={"dataset": "x"})
+
+    def run(loader) -> None:
+        if stage == 1:
+            train.train_stage1(_new_model(), loader, val_loader=val_loader, lr=0.05, **common)
+        else:
+            train.train_stage2(copy.deepcopy(stage1_model), loader, val_loader, tolerance=5.0, **common)
+
+    with pytest.raises(_Interrupted):
+        run(_StopAfter(train_loader, 1))
+    state = train.load_checkpoint(path)
+    assert (state["epoch"], state["finished"], state["data"]) == (1, False, {"dataset": "x"})
+    run(train_loader)
+    state = train.load_checkpoint(path)
+    assert (state["epoch"], state["finished"]) == (2, True)
+    assert state["settings"]["lr"] == (0.05 if stage == 1 else 0.01)
+
+
+class _CtrlCAfter(_StopAfter):
+    """Like :class:`_StopAfter`, with Ctrl-C (KeyboardInterrupt) instead of a crash."""
+
+    def __iter__(self):
+        if self.passes == 0:
+            raise KeyboardInterrupt
+        self.passes -= 1
+        yield from self.loader
+
+
+def test_ctrl_c_reports_what_the_checkpoint_holds(tmp_path: Path, splits) -> None:
+    path = tmp_path / "run.pt"
+    train_loader, val_loader, generator = _loaders(splits)
+    common = dict(epochs=3, val_loader=val_loader, generator=generator, lr=0.05, progress=False)
+    with pytest.raises(train.TrainingInterrupted) as info:
+        train.train_stage1(_new_model(), _CtrlCAfter(train_loader, 0), checkpoint_path=path, **common)
+    assert (info.value.epoch, info.value.saved_epoch) == (1, None) and not path.exists()
+    assert "before the first checkpoint: nothing saved" in str(info.value)
+    with pytest.raises(KeyboardInterrupt) as info:  # still a KeyboardInterrupt
+        train.train_stage1(_new_model(), _CtrlCAfter(train_loader, 2), checkpoint_path=path, **common)
+    assert (info.value.epoch, info.value.saved_epoch, info.value.epochs) == (3, 2, 3)
+    assert f"{path} holds epoch 2 of 3: rerun with resume=True" in str(info.value)
+    with pytest.raises(train.TrainingInterrupted) as info:  # a resumed run holds its start
+        train.train_stage1(_new_model(), _CtrlCAfter(train_loader, 0), checkpoint_path=path, resume=True, **common)
+    assert (info.value.epoch, info.value.saved_epoch) == (3, 2)
+
+
+def test_ctrl_c_during_a_checkpoint_write_waits_for_the_file(
+    tmp_path: Path, splits, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGINT arriving while the checkpoint is written: the write completes, then training stops,
+    and the report names the epoch just written (not the one before)."""
+    import signal
+
+    from rnl_fast.train import loop
+
+    real_save = loop.save_checkpoint
+
+    def save_with_ctrl_c(path, **state) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        real_save(path, **state)
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_with_ctrl_c)
+    path = tmp_path / "run.pt"
+    with pytest.raises(train.TrainingInterrupted) as info:
+        _stage1(_new_model(), splits, epochs=3, checkpoint_path=path)
+    assert info.value.saved_epoch == 1 and train.load_checkpoint(path)["epoch"] == 1
 
 
 def test_model_from_checkpoint_rebuilds_the_model(tmp_path: Path, splits) -> None:
@@ -511,6 +687,31 @@ def test_ddp_two_ranks(tmp_path: Path) -> None:
     checkpoint = train.load_checkpoint(tmp_path / "stage2.pt")
     assert checkpoint["epoch"] == 1 and len(checkpoint["rng_states"]) == 2
     _assert_states_equal(checkpoint["model_state"], ranks[0]["after_stage2"])
+
+
+def test_ddp_running_max_is_single_process_only_without_batch_norm_before() -> None:
+    """What ``all_reduce_running_max`` gives, on two "ranks" simulated in one process (two copies
+    of one network, each trained on its share of a global batch) against one process on the whole
+    batch (docs/training.md, "Data parallel"):
+
+    - a Rate Norm Layer with no batch statistics before it (tiny_model's first): the MAX over
+      ranks of their local updates is exactly the single-process running max;
+    - one behind a BatchNorm in train mode (its second; every Rate Norm Layer of cnn7): each rank
+      normalises its share by its own statistics, so the MAX over ranks is what the ranks saw, not
+      what one process would (issue 13 measured 3.13 against 2.58 on cnn7)."""
+    torch.manual_seed(0)
+    single = tiny_model().train()
+    ranks = [copy.deepcopy(single) for _ in range(2)]
+    x = torch.rand(32, 1, IMAGE_SIZE, IMAGE_SIZE)
+    x[16:] *= 3.0  # rank 1's share is brighter, as in ddp_train_worker
+    with torch.no_grad():
+        single(x)
+        for rank, model in enumerate(ranks):
+            model(x[16 * rank : 16 * (rank + 1)])
+    layers = [[m for m in model.modules() if isinstance(m, RateNorm)] for model in (single, *ranks)]
+    reduced = [torch.maximum(a.running_max, b.running_max) for a, b in zip(layers[1], layers[2])]
+    assert torch.equal(reduced[0], layers[0][0].running_max)
+    assert not torch.allclose(reduced[1], layers[0][1].running_max, rtol=1e-3)
 
 
 def test_ddp_channel_wise_running_max(tmp_path: Path) -> None:

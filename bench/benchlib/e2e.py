@@ -166,6 +166,14 @@ def _ours(model: str, device: str, method: str) -> Any:
 
 
 @functools.cache
+def _ours_bf16(model: str, device: str) -> Any:
+    """The MaxNorm conversion of :func:`_ours` in bf16 (``snn.to(torch.bfloat16)`` on a copy)."""
+    import copy
+
+    return copy.deepcopy(_ours(model, device, "maxnorm")).to(torch.bfloat16)
+
+
+@functools.cache
 def _spikingjelly(model: str, device: str) -> tuple[torch.nn.Module, Callable[[torch.nn.Module], None], list[float]]:
     """SpikingJelly 2.0's rate-coding conversion of the ReLU net, its ``reset_net``, and its
     threshold λ per neuron layer (graph order)."""
@@ -225,8 +233,10 @@ def build_e2e_case(group: Group, impl: str, device: str, scale: str) -> Case:
                 case.output = total / steps
             return case.output
 
-    else:  # ours, ours-rnl, ours-chunk64, ours-T64, ours-one-chunk
+    else:  # ours, ours-bf16, ours-rnl, ours-chunk64, ours-T64, ours-one-chunk
         snn = _ours(group.model, device, "rnl" if impl == "ours-rnl" else "maxnorm")
+        if impl == "ours-bf16":  # the same conversion in bf16 (fp32 images in, fp32 estimates out)
+            snn = _ours_bf16(group.model, device)
         chunk = plan.chunk or snn.chunk_size(x, steps)  # the engine's choice when not asked
 
         def run() -> Tensor:

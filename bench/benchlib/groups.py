@@ -23,8 +23,9 @@ IMPLS = ("ours", "clone", "eager", "compile", "spikingjelly")
 #: Impls of the fused IF + 2×2 average pooling group: also ours unfused (IF op, then pooling).
 POOL_IMPLS = ("ours", "ours-unfused", "clone", "eager", "compile", "spikingjelly")
 #: Impls of the end-to-end groups; the ReLU-only ones for the nets whose RNL build is not timed.
-E2E_IMPLS = ("ours", "ours-rnl", "spikingjelly", "ann")
-E2E_RELU_IMPLS = ("ours", "ours-one-chunk", "spikingjelly", "ann")
+#: ``ours-bf16``: ours after ``snn.to(torch.bfloat16)`` (bf16 convolutions, float32 IF integration).
+E2E_IMPLS = ("ours", "ours-bf16", "ours-rnl", "spikingjelly", "ann")
+E2E_RELU_IMPLS = ("ours", "ours-bf16", "ours-one-chunk", "spikingjelly", "ann")
 #: Impls of the chunked long run: ours at T = 1024 (the engine's chunks, then 64-step chunks)
 #: beside ours at T = 64 on the same batch.
 E2E_LONG_IMPLS = ("ours", "ours-chunk64", "ours-T64")

@@ -330,7 +330,7 @@ def e2e_summary(results: Results) -> list[str]:
 
 
 #: The pairs of impls whose outputs the agreement checks compare, in column order.
-_COMPARED = (("ours", "spikingjelly"), ("ours", "ann"), ("spikingjelly", "ann"))
+_COMPARED = (("ours", "spikingjelly"), ("ours", "ann"), ("spikingjelly", "ann"), ("ours-bf16", "ours"))
 
 
 def _centred_corr(a: Tensor, b: Tensor) -> float:
@@ -370,7 +370,7 @@ def e2e_checks(results: Results) -> list[str]:
         if group.op != "e2e" or "spikingjelly" not in group.impls:
             continue
         outs: dict[str, Tensor] = {}
-        for impl in ("ours", "spikingjelly", "ann"):
+        for impl in ("ours", "ours-bf16", "spikingjelly", "ann"):
             m, output = rows.get(impl), results.outputs.get((group.name, device, impl))
             if m and m.median_s and output is not None:
                 outs[impl] = output.detach().float().cpu()
@@ -393,9 +393,11 @@ def e2e_checks(results: Results) -> list[str]:
         "argmax ours=SJ",
         "ours=ANN",
         "SJ=ANN",
+        "bf16=ours",
         "r ours~SJ",
         "r ours~ANN",
         "r SJ~ANN",
+        "r bf16~ours",
         "max |λ_SJ/λ_ours - 1|",
     ]
     return [

@@ -17,10 +17,11 @@ from ..numerics import compute_dtype_of
 from ._backend import backend_for, cpp, cpp_dtype, cpp_reset, threads, triton
 from ._checks import check_bool, check_if_input, check_spike_dtype, check_surrogate, check_v_reset, neuron_param
 from ._if_io import ForwardIO, IFResult, cpp_param_args, cpp_x_args, fake_state_outputs, if_result
+from ._library import custom_op
 from .layout import in_order, logical, neuron_order, time_major
 
 
-@torch.library.custom_op("rnl_fast::if_forward", mutates_args=())
+@custom_op("rnl_fast::if_forward")
 def _if_forward(
     x: Tensor,
     v_th: Tensor,
@@ -71,7 +72,7 @@ def _(x, v_th, v_init, v_reset, hard_reset, surrogate, width, detach_reset, spik
     return (spikes, *fake_state_outputs(x, neuron_shape, order, count_neurons))
 
 
-@torch.library.custom_op("rnl_fast::if_backward", mutates_args=())
+@custom_op("rnl_fast::if_backward")
 def _if_backward(
     grad_spikes: Optional[Tensor],  # noqa: UP045
     grad_v_final: Optional[Tensor],  # noqa: UP045

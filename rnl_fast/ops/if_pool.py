@@ -16,10 +16,11 @@ from ..numerics import compute_dtype_of
 from ._backend import backend_for, cpp, cpp_reset, threads, triton
 from ._checks import check_bool, check_if_input, check_number, check_v_reset, neuron_param
 from ._if_io import ForwardIO, IFResult, fake_state_outputs, if_result
+from ._library import custom_op
 from .layout import logical, neuron_order, pool_geometry, pool_out_size
 
 
-@torch.library.custom_op("rnl_fast::if_pool_forward", mutates_args=())
+@custom_op("rnl_fast::if_pool_forward")
 def _if_pool_forward(
     x: Tensor,
     v_th: Tensor,

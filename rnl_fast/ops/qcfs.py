@@ -20,6 +20,7 @@ from .. import reference
 from ..numerics import compute_dtype_of
 from ._backend import backend_for, cpp, cpp_dtype, threads, triton
 from ._checks import check_float_tensor, check_one_element, check_qcfs_levels
+from ._library import custom_op
 from .layout import flat_in_memory_order, flat_like
 
 
@@ -36,7 +37,7 @@ def _cpp_input(x1: Tensor, threshold: Tensor, levels: int) -> dict:
     )
 
 
-@torch.library.custom_op("rnl_fast::qcfs_forward", mutates_args=())
+@custom_op("rnl_fast::qcfs_forward")
 def _qcfs_forward(x: Tensor, threshold: Tensor, levels: int) -> Tensor:
     x, x1, order = flat_in_memory_order(x)
     y = torch.empty_like(x)
@@ -53,7 +54,7 @@ def _(x, threshold, levels):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("rnl_fast::qcfs_backward", mutates_args=())
+@custom_op("rnl_fast::qcfs_backward")
 def _qcfs_backward(grad_y: Tensor, x: Tensor, threshold: Tensor, levels: int) -> tuple[Tensor, Tensor]:
     x, x1, order = flat_in_memory_order(x)
     cdt = compute_dtype_of(x.dtype)

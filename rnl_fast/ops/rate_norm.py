@@ -31,6 +31,7 @@ from ._checks import (
     check_rate_norm_scalars,
     check_running_max,
 )
+from ._library import custom_op
 from .layout import channel_inner, flat_in_memory_order, flat_like
 
 
@@ -65,7 +66,7 @@ def _cpp_input(x1: Tensor, raw_p: Tensor, running_max: Tensor) -> dict:
     return dict(common, running_max=running_max.data_ptr(), running_max_len=running_max.numel())
 
 
-@torch.library.custom_op("rnl_fast::rate_norm_forward", mutates_args=())
+@custom_op("rnl_fast::rate_norm_forward")
 def _rate_norm_forward(
     x: Tensor,
     raw_p: Tensor,
@@ -119,7 +120,7 @@ def _(x, raw_p, running_max, momentum, training, channel_wise=False, levels=0):
     )
 
 
-@torch.library.custom_op("rnl_fast::rate_norm_backward", mutates_args=())
+@custom_op("rnl_fast::rate_norm_backward")
 def _rate_norm_backward(
     grad_r: Optional[Tensor],  # noqa: UP045
     grad_sums: Tensor,

@@ -80,6 +80,16 @@ class SpikingNeurons(nn.Module):
         """Whether the threshold is per channel."""
         return isinstance(self.threshold, Tensor)
 
+    def _apply(self, fn, recurse=True):
+        # .to(device) moves the per-channel threshold and spike weight; .to(torch.bfloat16) must not
+        # round them: they stay float32, as the IF kernels take them (and as a float one is).
+        kept = {name: buffer for name, buffer in self._buffers.items() if buffer is not None}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            self._buffers[name] = before.to(self._buffers[name].device)
+        self._shaped_for = None  # shape (and place) the IF parameters again at the next forward
+        return self
+
     def per_channel(self, value: float | Tensor, ndim: int) -> float | Tensor:
         """``value`` broadcastable to neurons ``[B, C, ...]`` of ``ndim`` dims: a float as it is,
         a ``[C]`` tensor as ``[C, 1, …]`` (``ndim − 2`` ones)."""
@@ -315,6 +325,8 @@ class SpikingNetwork(nn.Module):
         if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0):
             raise ValueError(f"chunk must be None or a positive int, got {chunk!r}")
         chunk = chunk or self.chunk_size(x, T)
+        x = x.to(self.dtype)  # images as the layers' dtype: snn.to(torch.bfloat16) takes float32 images
+        out_dtype = torch.promote_types(self.dtype, torch.float32)  # bf16/fp16 layers: float32 estimates
         self.reset()
         static: dict[str, Tensor] = {}
         total = None
@@ -329,10 +341,15 @@ class SpikingNetwork(nn.Module):
             running = torch.cumsum(running, 0)
             running = running if total is None else running[1:]
             total = running[-1]
-            summed = running.to(current.dtype)
-            t = torch.arange(done + 1, done + steps + 1, device=x.device, dtype=summed.dtype)
+            summed = running.to(out_dtype)
+            t = torch.arange(done + 1, done + steps + 1, device=x.device, dtype=out_dtype)
             yield summed / t.view(-1, *[1] * (summed.dim() - 1))
             done += steps
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the convolutions and linear layers (``snn.to(torch.bfloat16)`` sets it)."""
+        return next(self.graph_module.parameters()).dtype
 
     def chunk_size(self, x: Tensor, T: int, budget_bytes: int | None = None) -> int:
         """Steps per chunk such that the largest activation of a chunk stays within the budget

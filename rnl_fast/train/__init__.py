@@ -14,6 +14,7 @@ docs/training.md.
 from .checkpoint import (
     CHECKPOINT_FORMAT,
     CheckpointError,
+    CheckpointMismatchError,
     load_checkpoint,
     model_from_checkpoint,
     model_from_state,
@@ -27,7 +28,7 @@ from .distributed import (
     shard,
 )
 from .evaluation import Batches, evaluate_ann
-from .loop import HistoryEntry, StepFn
+from .loop import HistoryEntry, StepFn, TrainingInterrupted
 from .stages import PAPER_LAMBDA, READOUT_LR_SCALE, tie_rate_norm_p, train_stage1, train_stage2
 
 __all__ = [
@@ -36,8 +37,10 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "Batches",
     "CheckpointError",
+    "CheckpointMismatchError",
     "HistoryEntry",
     "StepFn",
+    "TrainingInterrupted",
     "all_reduce_running_max",
     "average_batch_norm_stats",
     "cleanup_distributed",

@@ -8,7 +8,9 @@ Format and resume rules: "Checkpoints" in docs/training.md.
 
 from __future__ import annotations
 
+import hashlib
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +22,14 @@ from .._io import atomic_write
 from ..models import build_model
 from .distributed import rank_and_world
 
-#: Written into every checkpoint; :func:`load_checkpoint` rejects files without it.
-CHECKPOINT_FORMAT = "rnl_fast-checkpoint-v1"
+#: Written into every checkpoint; :func:`load_checkpoint` rejects files without it (or
+#: :data:`OLD_FORMATS`'s).
+CHECKPOINT_FORMAT = "rnl_fast-checkpoint-v2"
+#: Formats still read: v1 has no checksum (loaded unverified) and no run record (see
+#: "Checkpoints" in docs/training.md).
+OLD_FORMATS = ("rnl_fast-checkpoint-v1",)
+#: Keys outside the payload that the checksum covers.
+_ENVELOPE = ("format", "checksum")
 #: Keys every training checkpoint holds (besides the stage-specific ones).
 TRAINING_KEYS = (
     "stage",
@@ -39,8 +47,55 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, unreadable, corrupt, or not an rnl_fast checkpoint."""
 
 
+class CheckpointMismatchError(CheckpointError, ValueError):
+    """A checkpoint does not belong to the run that would resume it (or to the use it is put to):
+    another stage, model, dataset or setting, or an unfinished run."""
+
+
+def first_difference(recorded: Mapping[str, Any], given: Mapping[str, Any]) -> str | None:
+    """``"name=recorded, this run has name=given"`` for the first key whose values differ (a key
+    missing on one side counts as None); None when they agree."""
+    for key in (*recorded, *(k for k in given if k not in recorded)):
+        if recorded.get(key) != given.get(key):
+            return f"{key}={recorded.get(key)!r}, this run has {key}={given.get(key)!r}"
+    return None
+
+
+def _feed(digest: Any, value: Any) -> None:
+    """Add ``value`` to ``digest`` in a form that survives torch.save/torch.load unchanged:
+    tensors by dtype, shape and bytes; containers by their items in order; anything else by its
+    type and repr (floats' repr round-trips exactly)."""
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}:".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, Mapping):
+        digest.update(b"{%d:" % len(value))
+        for key, item in value.items():
+            _feed(digest, key)
+            _feed(digest, item)
+        digest.update(b"}")
+    elif isinstance(value, (list, tuple)):
+        digest.update(b"[%d:" % len(value) if isinstance(value, list) else b"(%d:" % len(value))
+        for item in value:
+            _feed(digest, item)
+        digest.update(b"]")
+    else:
+        digest.update(f"{type(value).__name__}:{value!r};".encode())
+
+
+def payload_digest(state: Mapping[str, Any]) -> str:
+    """SHA-256 of a checkpoint's payload (every key but ``format`` and ``checksum``), over the
+    values as loaded, so that one byte changed in any tensor or value gives another digest."""
+    digest = hashlib.sha256()
+    _feed(digest, {key: value for key, value in state.items() if key not in _ENVELOPE})
+    return "sha256:" + digest.hexdigest()
+
+
 def save_checkpoint(path: str | os.PathLike[str], **state: Any) -> None:
-    """Write ``state`` (tensors, state dicts, plain Python values) to ``path`` atomically.
+    """Write ``state`` (tensors, state dicts, plain Python values) to ``path`` atomically, with
+    the format tag and a checksum of the payload (:func:`payload_digest`) that
+    :func:`load_checkpoint` verifies.
 
     An interruption at any point leaves the previous checkpoint intact (see
     :func:`rnl_fast._io.atomic_write`). Missing parent directories are created.
@@ -48,15 +103,18 @@ def save_checkpoint(path: str | os.PathLike[str], **state: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as file:
-        torch.save({"format": CHECKPOINT_FORMAT, **state}, file)
+        torch.save({"format": CHECKPOINT_FORMAT, "checksum": payload_digest(state), **state}, file)
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint`, tensors on the CPU.
 
+    The payload's checksum is verified (format v2); a format-v1 file, written before
+    checksums, is read unverified.
+
     Raises:
-        CheckpointError: the file is missing, unreadable, corrupt or not an rnl_fast
-            checkpoint; the one-line message names the file.
+        CheckpointError: the file is missing, unreadable, corrupt (its content does not match its
+            checksum) or not an rnl_fast checkpoint; the one-line message names the file.
     """
     path = Path(path)
     if not path.is_file():
@@ -68,8 +126,12 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         # The first sentence only: torch's messages run on for paragraphs.
         reason = str(error).strip().split(". ")[0].splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"checkpoint {path} is unreadable or corrupt: {reason}") from error
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(state, dict) or state.get("format") not in (CHECKPOINT_FORMAT, *OLD_FORMATS):
         raise CheckpointError(f"checkpoint {path} is not an rnl_fast checkpoint (no format {CHECKPOINT_FORMAT!r})")
+    if state["format"] == CHECKPOINT_FORMAT and state.get("checksum") != payload_digest(state):
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: its content does not match the checksum it was written with"
+        )
     return state
 
 

@@ -1,6 +1,8 @@
 """Data-parallel training under torchrun: process group, data shards, the DDP wrapper, and the two
-reductions that keep every rank's buffers equal to what one process on the global batch would hold
-(running maxima: MAX after every step; BatchNorm statistics: mean at each epoch's end).
+reductions that keep every rank's buffers equal (running maxima: MAX after every step; BatchNorm
+statistics: mean at each epoch's end). The running max equals what one process on the global batch
+would hold only for a Rate Norm Layer with no batch statistics before it: a BatchNorm in train mode
+normalises each rank's share by its own statistics (see :func:`all_reduce_running_max`).
 
 Why these and not DDP's own buffer sync: see "Data parallel" in docs/training.md.
 """
@@ -112,9 +114,16 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> DistributedDataParallel:
 def all_reduce_running_max(model: nn.Module) -> None:
     """Set every Rate Norm ``running_max`` to its maximum over all ranks (one collective).
 
-    Called after every training step, this gives exactly the running max of single-process
-    training on the global batch. No-op outside a process group or without Rate Norm Layers.
-    Every rank must call it.
+    Called after every training step, every rank then holds the MAX over ranks of their local
+    updates ``(1 − m)·M + m·max(local input)`` from the shared ``M``, which is
+    ``(1 − m)·M + m·max(all ranks' inputs)``. That is exactly the running max of single-process
+    training on the global batch when each rank's input to the layer is what one process would
+    compute for the same samples, i.e. no layer before it uses batch statistics. Behind a
+    BatchNorm in train mode (per-rank batch statistics, as standard DDP; every Rate Norm Layer of
+    cnn7) it is the max of what the ranks' networks saw, which differs from the single-process
+    value (issue 13: 3.13 against 2.58 on cnn7; tested in
+    tests/test_train.py::test_ddp_running_max_is_single_process_only_without_batch_norm_before).
+    No-op outside a process group or without Rate Norm Layers. Every rank must call it.
     """
     layers = rate_norms(model)
     if not layers or rank_and_world()[1] == 1:

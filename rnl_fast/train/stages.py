@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -82,6 +82,7 @@ def train_stage1(
     resume: bool = False,
     model_name: str | None = None,
     model_kwargs: dict[str, Any] | None = None,
+    data_info: Mapping[str, Any] | None = None,
     progress: bool = True,
 ) -> list[HistoryEntry]:
     """Stage 1 (Eq. 12): train the weights with cross-entropy, every Rate Norm p frozen.
@@ -113,10 +114,16 @@ def train_stage1(
         generator: the generator ``train_loader`` shuffles with, so its state is checkpointed
             and restored (the caller seeds it); None if the loader uses torch's global one.
         checkpoint_path: written atomically after every epoch (None: no checkpoint).
-        resume: continue from ``checkpoint_path`` when it exists (same ``epochs`` required);
-            the result is bit-identical to an uninterrupted run.
+        resume: continue from ``checkpoint_path`` when it exists; the result is bit-identical to
+            an uninterrupted run. The checkpoint must be this run's: the same stage, ``epochs``,
+            number of ranks, ``model_name``/``model_kwargs``, ``data_info`` and settings (lr,
+            schedule, …), else :class:`~rnl_fast.train.CheckpointMismatchError` names the first
+            difference. Without ``resume`` an existing file is overwritten at the first epoch's end.
         model_name, model_kwargs: how :func:`rnl_fast.models.build_model` rebuilds the model,
             stored in the checkpoint for :func:`model_from_checkpoint`.
+        data_info: how the training data was made, e.g. ``{"dataset": "mnist", "train_images":
+            None, "batch_size": 128, "seed": 0}`` (plain values); stored in the checkpoint as
+            ``data`` (``rnl-fast evaluate`` checks ``data["dataset"]``), must match to resume.
         progress: show a tqdm bar per epoch (rank 0 only).
 
     Returns:
@@ -158,6 +165,15 @@ def train_stage1(
             resume=resume,
             model_name=model_name,
             model_kwargs=dict(model_kwargs or {}),
+            data=dict(data_info or {}),
+            settings={
+                "lr": lr,
+                "momentum": momentum,
+                "weight_decay": weight_decay,
+                "milestones": sorted(milestones),
+                "gamma": gamma,
+                "readout_lr_scale": readout_lr_scale,
+            },
             progress=progress,
         ),
     )
@@ -210,6 +226,7 @@ def train_stage2(
     resume: bool = False,
     model_name: str | None = None,
     model_kwargs: dict[str, Any] | None = None,
+    data_info: Mapping[str, Any] | None = None,
     progress: bool = True,
 ) -> list[HistoryEntry]:
     """Stage 2 (Eq. 13): train only the Rate Norm p's for fast inference.
@@ -244,8 +261,8 @@ def train_stage2(
             only checks inside the epoch see (docs/training.md).
         lr, momentum, milestones, gamma: SGD on the logits and its step schedule (official code:
             lr 0.01, momentum 0.9).
-        device, seed, generator, checkpoint_path, resume, model_name, model_kwargs, progress:
-            as :func:`train_stage1`.
+        device, seed, generator, checkpoint_path, resume, model_name, model_kwargs, data_info,
+            progress: as :func:`train_stage1`.
 
     Returns:
         One dict per epoch: ``epoch``, ``lr``, ``loss`` (mean of Eq. 13), ``cos_loss``
@@ -290,6 +307,18 @@ def train_stage2(
             resume=resume,
             model_name=model_name,
             model_kwargs=dict(model_kwargs or {}),
+            data=dict(data_info or {}),
+            settings={
+                "lam": lam,
+                "tolerance": tolerance,
+                "p_init": p_init,
+                "shared_p": shared_p,
+                "checks_per_epoch": checks_per_epoch,
+                "lr": lr,
+                "momentum": momentum,
+                "milestones": sorted(milestones),
+                "gamma": gamma,
+            },
             progress=progress,
         ),
     )
@@ -347,7 +376,7 @@ def train_stage2(
             "tolerance": tolerance,
         }
 
-    run.train_epochs(step, summarize, extra_state, train_loader, check, checks_per_epoch)
+    run.train_epochs(step, summarize, extra_state, train_loader, check, checks_per_epoch, final=False)
     model.load_state_dict(best_state)
-    run.save(epochs, extra_state(), model_state=best_state)
+    run.save(epochs, extra_state(), model_state=best_state, finished=True)
     return run.history
