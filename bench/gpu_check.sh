@@ -76,10 +76,10 @@ fi
 if compgen -G ".whl/*.whl" >/dev/null; then
     say "wheels from .whl/ for the packages $PY lacks"
     # A wheel is needed when its package is missing, or (setuptools) too old to build an
-    # editable install without the separate "wheel" package (setuptools >= 70.1).
+    # editable install (>= 77: the SPDX license string of pyproject.toml; >= 70.1 builds without "wheel").
     mapfile -t missing < <("$PY" - .whl/*.whl <<'PYTHON'
 import importlib.metadata as metadata, re, sys
-MINIMUM = {"setuptools": (70, 1)}
+MINIMUM = {"setuptools": (77, 0)}
 PYTHON_TAG = f"cp{sys.version_info.major}{sys.version_info.minor}"
 for path in sys.argv[1:]:
     name, _, python_tag = path.rsplit("/", 1)[-1].split("-")[:3]
