@@ -5,7 +5,7 @@ neurons and loops over all ``T`` steps with the membrane in registers, so every 
 ``x`` and ``spikes`` moves through memory exactly once per pass.
 
 The arithmetic mirrors :func:`rnl_fast.reference.if_sequence` operation by operation
-(``u = m − v_th``, spike iff ``u >= 0``, the reset written as the same products), so fp32 spikes
+(``u = m − v_th``, spike iff ``u >= 0``, the soft reset written as the same product), so fp32 spikes
 are bit-identical to the reference, NaN and infinite inputs included. Python scalars that enter
 the arithmetic (``v_reset``, ``width``) are constexprs: Triton then rounds them to the compute
 dtype exactly as PyTorch rounds a Python scalar, whereas a runtime float argument would always be
@@ -40,10 +40,10 @@ def _if_step(
     # reference when m and v_th are both infinite (inf − inf is NaN: no spike).
     fired = (m - v_th) >= 0
     s = fired.to(m.dtype)
-    # Products with s ∈ {0, 1} are exact, so these match the reference bit for bit (FMA included);
-    # m·(1 − s) also propagates an infinite m into NaN on a spike, as the reference does.
+    # v_th·s with s ∈ {0, 1} is exact, so the soft reset matches the reference bit for bit (FMA
+    # included). The hard reset selects v_reset after a spike whatever m was (an infinite m too).
     if HARD_RESET:
-        v_next = m * (1.0 - s) + V_RESET * s
+        v_next = tl.where(fired, V_RESET, m)
     else:
         v_next = m - v_th * s
     return m, fired, v_next
