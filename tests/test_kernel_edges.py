@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rnl_fast import ops
+from rnl_fast import ops, reference
 
 INF, NAN = float("inf"), float("nan")
 
@@ -51,3 +51,40 @@ def test_infinite_input_pooled(backend, first, v_reset, spikes, v):
 def test_infinite_initial_membrane_hard_reset(backend):
     out = ops.if_sequence(_col(0.5, 0.5), 1.0, torch.tensor([INF]), v_reset=-0.5)
     assert out.spikes.flatten().tolist() == [1, 0] and out.v.item() == 0.0
+
+
+def _one_element_views() -> list:
+    """Valid inputs whose size-1 dims have strides no dense layout would give them."""
+    return [
+        pytest.param(lambda: torch.rand(1, 2)[:, ::2], id="T1-N1-stride2"),
+        pytest.param(lambda: torch.rand(2, 1)[::2], id="T1-time-stride2"),
+        pytest.param(lambda: torch.rand(3, 4)[:, 1:2], id="N1-time-stride4"),
+        pytest.param(lambda: torch.rand(3, 2, 5)[:, :1], id="size1-neuron-dim-stride5"),
+        pytest.param(lambda: torch.rand(1, 3, 4).transpose(0, 1)[:1], id="T1-transposed"),
+    ]
+
+
+@pytest.mark.parametrize("make", _one_element_views())
+def test_size_one_dims_with_any_stride(backend, make):
+    x = make()
+    out = ops.if_sequence(x, 0.5)
+    ref = reference.if_sequence(x.contiguous(), 0.5)
+    assert torch.equal(out.spikes, ref[0]) and torch.equal(out.v, ref[1])
+
+
+@pytest.mark.parametrize("make", _one_element_views())
+def test_size_one_dims_with_any_stride_backward(backend, make):
+    x = make().requires_grad_()
+    out = ops.if_sequence(x, 0.5)
+    (out.spikes.sum() + out.v.sum()).backward()
+    xr = x.detach().contiguous().requires_grad_()
+    s, v, _, _ = reference.if_sequence(xr, 0.5)
+    (s.sum() + v.sum()).backward()
+    torch.testing.assert_close(x.grad, xr.grad)
+
+
+def test_size_one_dims_with_any_stride_pooled(backend):
+    x = torch.rand(2, 1, 2, 2)[::2]  # T = 1, time stride 8
+    out = ops.if_sequence_pool2x2(x, 0.5)
+    ref = reference.if_sequence_pool2x2(x.contiguous(), 0.5)
+    assert torch.equal(out.spikes, ref[0])
