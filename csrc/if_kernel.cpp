@@ -130,8 +130,9 @@ void backward_block(const In* grad_spikes, const In* x, const IFShape& shape, in
       } else {
         dv_dm = DETACH ? Acc(1) : Acc(1) - th[j] * sg;
       }
-      const Acc gs = gst ? load<Acc>(gst + j) : Acc(0);
-      const Acc gm = gs * sg + grad_v[j] * dv_dm;
+      // No spike gradient, no surrogate term: σ' is NaN at a NaN membrane, and 0·NaN would turn
+      // a finite gradient through v (detach_reset) into NaN where the reference has none.
+      const Acc gm = gst ? load<Acc>(gst + j) * sg + grad_v[j] * dv_dm : grad_v[j] * dv_dm;
       store(gxt + j, gm);
       grad_v[j] = gm;
     }

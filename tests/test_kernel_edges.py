@@ -88,3 +88,14 @@ def test_size_one_dims_with_any_stride_pooled(backend):
     out = ops.if_sequence_pool2x2(x, 0.5)
     ref = reference.if_sequence_pool2x2(x.contiguous(), 0.5)
     assert torch.equal(out.spikes, ref[0])
+
+
+@pytest.mark.parametrize("v_reset", [None, 0.0], ids=["soft", "hard"])
+def test_nan_membrane_detached_reset_gradient_through_v_only(backend, v_reset):
+    """v_T = m_T − θ·sg(s_T) (or the hard-reset form with a detached s): dv/dx = 1 at every step
+    even when m is NaN, and no spike gradient is asked for, so no surrogate (NaN at a NaN
+    membrane) may enter the sum. The hard reset passes 1 − s = 1 (a NaN membrane never fires)."""
+    x = _col(NAN, 0.3).requires_grad_()
+    out = ops.if_sequence(x, 1.0, detach_reset=True, v_reset=v_reset)
+    out.v.sum().backward()
+    assert x.grad.flatten().tolist() == [1.0, 1.0]
