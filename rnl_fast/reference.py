@@ -260,6 +260,10 @@ def rate_norm(
     Returns:
         r̂ ``[*]`` in ``x.dtype``; the running max used (``[]`` or ``[C]``); Σr̂ ``[]`` and Σr̂²
         ``[]`` over all elements (float32, float64 for float64 input), for the Rate Inference Loss.
+
+    NaN: a NaN element has a NaN rate, gradient 0, and makes the gradient of ``raw_p`` NaN
+    through its term −g·clip(x)/θ² whatever the loss reads (a corrupt batch gives no finite step);
+    the kernels follow. The sums are float32 pairwise sums of the float32 rates (half inputs too).
     """
     compute_dtype = compute_dtype_of(x.dtype)
     if training:

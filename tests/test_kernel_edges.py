@@ -99,3 +99,62 @@ def test_nan_membrane_detached_reset_gradient_through_v_only(backend, v_reset):
     out = ops.if_sequence(x, 1.0, detach_reset=True, v_reset=v_reset)
     out.v.sum().backward()
     assert x.grad.flatten().tolist() == [1.0, 1.0]
+
+
+def _rate_norm_grads(x, running_max, loss, **kwargs):
+    x = x.clone().requires_grad_()
+    raw_p = torch.tensor(0.3, requires_grad=True)
+    out = ops.rate_norm(x, raw_p, running_max, 0.1, training=False, **kwargs)
+    loss(out).backward()
+    return x.grad, raw_p.grad
+
+
+LOSSES = [
+    pytest.param(lambda out: out[0].sum(), id="r"),
+    pytest.param(lambda out: out[0][..., 0].sum(), id="r-of-the-finite-element"),
+    pytest.param(lambda out: out[2], id="sum_r"),
+    pytest.param(lambda out: out[3], id="sum_r2"),
+]
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("levels", [None, 4], ids=["plain", "quantized"])
+@pytest.mark.parametrize("channel_wise", [False, True], ids=["scalar", "channel-wise"])
+def test_rate_norm_nan_element_makes_grad_raw_p_nan(backend, loss, levels, channel_wise):
+    """Rule (the reference's −g·clip(x)/θ² at a NaN x): a NaN in x makes dL/draw_p NaN, like Σr̂,
+    whatever the loss reads; the NaN element's own gradient is 0, the others' are untouched."""
+    x = torch.tensor([[0.5, NAN]])
+    running_max = torch.ones(2) if channel_wise else torch.tensor(1.0)
+    grad_x, grad_p = _rate_norm_grads(x, running_max, loss, channel_wise=channel_wise, levels=levels)
+    clean_x, _ = _rate_norm_grads(
+        x[:, :1], running_max[:1] if channel_wise else running_max, loss, channel_wise=channel_wise, levels=levels
+    )
+    assert torch.isnan(grad_p)
+    assert grad_x[0, 1] == 0 and grad_x[0, 0] == clean_x[0, 0]
+
+
+@pytest.mark.parametrize("loss", [LOSSES[0], LOSSES[2]])
+@pytest.mark.parametrize("channel_wise", [False, True], ids=["scalar", "channel-wise"])
+def test_rate_norm_infinite_running_max(backend, loss, channel_wise):
+    """θ = inf: every rate is 0 (inf/inf = NaN at an inf x), dr̂/dx = 1/θ = 0 at every element, the
+    inf one too (no 0·NaN from an unused Σr̂²), and dL/draw_p is NaN (−g·inf/inf² at the inf x)."""
+    x = torch.tensor([[0.5, INF]])
+    running_max = torch.full((2,), INF) if channel_wise else torch.tensor(INF)
+    grad_x, grad_p = _rate_norm_grads(x, running_max, loss, channel_wise=channel_wise)
+    assert grad_x.tolist() == [[0.0, 0.0]] and torch.isnan(grad_p)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channel_wise", [False, True], ids=["scalar", "channel-wise"])
+@pytest.mark.parametrize("x_value, raw_p", [(0.5, 10.0), (0.3, 0.3)])
+def test_rate_norm_half_precision_sums_are_fp32_accurate(backend, dtype, channel_wise, x_value, raw_p):
+    """Σr̂ and Σr̂² of 3·4096 + 17 equal rates (0.50002 for x = ½, θ = sigmoid(10); 0.52 for the
+    other), to 1e-6 relative of the float64 spec: a float running sum over 4096-element chunks
+    drifted by 3e-5, the reference's pairwise float sum stays near 1e-7."""
+    x = torch.full((3 * 4096 + 17, 1), x_value, dtype=dtype)
+    running_max = torch.ones(1) if channel_wise else torch.tensor(1.0)
+    kwargs = dict(momentum=0.1, training=False, channel_wise=channel_wise)
+    out = ops.rate_norm(x, torch.tensor(raw_p), running_max, **kwargs)
+    ref = reference.rate_norm(x.double(), torch.tensor(raw_p), running_max, **kwargs)
+    torch.testing.assert_close(out[2].double(), ref[2], rtol=1e-6, atol=0)
+    torch.testing.assert_close(out[3].double(), ref[3], rtol=1e-6, atol=0)
