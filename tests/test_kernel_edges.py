@@ -158,3 +158,28 @@ def test_rate_norm_half_precision_sums_are_fp32_accurate(backend, dtype, channel
     ref = reference.rate_norm(x.double(), torch.tensor(raw_p), running_max, **kwargs)
     torch.testing.assert_close(out[2].double(), ref[2], rtol=1e-6, atol=0)
     torch.testing.assert_close(out[3].double(), ref[3], rtol=1e-6, atol=0)
+
+
+TINY_SCALES = [
+    pytest.param(torch.float32, 3 * 2.0**-149, id="fp32-3-subnormal-units"),
+    pytest.param(torch.float32, 2.0**-127 + 2.0**-149, id="fp32-subnormal"),
+    pytest.param(torch.float64, 3 * 2.0**-1074, id="fp64-3-subnormal-units"),
+]
+
+
+@pytest.mark.parametrize("dtype, scale", TINY_SCALES)
+@pytest.mark.parametrize("ceil_mode", [False, True], ids=["floor", "ceil"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+def test_pool_subnormal_scale_is_bit_identical(backend, dtype, scale, ceil_mode, channels_last):
+    """Windows with 0…4 spikes (and ceil_mode's narrow edge windows) times a subnormal scale:
+    (k/n)·scale rounds once, as the reference; k·(scale/n) rounded scale/n first."""
+    fire = torch.tensor(
+        [[1, 0, 1, 1, 1, 1, 1, 1, 0, 0, 1], [0, 0, 0, 0, 1, 0, 1, 1, 0, 0, 1], [1, 1, 0, 1, 0, 0, 1, 0, 1, 1, 1]]
+    )
+    x = fire.to(dtype).expand(2, 2, 3, 11)  # [T=2, C=2, H=3, W=11]: θ = 1 is reached at each step
+    x = x.contiguous().unsqueeze(1)  # [T, B=1, C, H, W]
+    if channels_last:
+        x = x[:, 0].permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2).unsqueeze(1)
+    out = ops.if_sequence_pool2x2(x, 1.0, scale=scale, ceil_mode=ceil_mode)
+    ref = reference.if_sequence_pool2x2(x, 1.0, scale=scale, ceil_mode=ceil_mode)
+    assert torch.equal(out.spikes, ref[0]) and out.spikes.ne(0).any()
