@@ -183,3 +183,28 @@ def test_pool_subnormal_scale_is_bit_identical(backend, dtype, scale, ceil_mode,
     out = ops.if_sequence_pool2x2(x, 1.0, scale=scale, ceil_mode=ceil_mode)
     ref = reference.if_sequence_pool2x2(x, 1.0, scale=scale, ceil_mode=ceil_mode)
     assert torch.equal(out.spikes, ref[0]) and out.spikes.ne(0).any()
+
+
+@pytest.mark.parametrize("v_reset", [None, 0.0], ids=["soft", "hard"])
+@pytest.mark.parametrize("detach_reset", [False, True], ids=["attached", "detached"])
+def test_overflowing_backward_gives_the_references_inf_and_nan(backend, v_reset, detach_reset):
+    """Rule: the kernels sum dL/dm in autograd's order on the reference, (direct path through v)
+    + (dL/ds from the spike and the reset)·σ', so gradients near the float32 limit overflow into
+    the same +inf, −inf or NaN (they gave ±inf where the reference's inf − inf is NaN)."""
+    gen = torch.Generator().manual_seed(0)  # fixed: overflow is decided at the last bit
+    x = torch.randn(4, 64, generator=gen) * 0.7 + 0.5
+    grad_spikes = torch.randn(4, 64, generator=gen) * 3e38
+    grad_v = torch.randn(64, generator=gen) * 3e38
+    kwargs = dict(v_reset=v_reset, detach_reset=detach_reset, width=0.5)
+    xk = x.clone().requires_grad_()
+    out = ops.if_sequence(xk, 1.0, **kwargs)
+    torch.autograd.backward([out.spikes, out.v], [grad_spikes, grad_v])
+    xr = x.clone().requires_grad_()
+    spikes, v, _, _ = reference.if_sequence(xr, 1.0, **kwargs)
+    torch.autograd.backward([spikes, v], [grad_spikes, grad_v])
+    assert not torch.isfinite(xr.grad).all() or detach_reset  # the case overflows
+    assert torch.equal(torch.isnan(xk.grad), torch.isnan(xr.grad))
+    assert torch.equal(torch.isposinf(xk.grad), torch.isposinf(xr.grad))
+    assert torch.equal(torch.isneginf(xk.grad), torch.isneginf(xr.grad))
+    finite = torch.isfinite(xr.grad)
+    torch.testing.assert_close(xk.grad[finite], xr.grad[finite], rtol=1e-5, atol=0)
