@@ -160,3 +160,20 @@ def test_quantized_rate_norm_rounds_ties_up(backend):
     x = torch.stack([theta / 8, theta * 3 / 8, theta / 2])
     out = ops.rate_norm(x, torch.tensor(0.0), torch.tensor(2.0), 0.1, training=False, levels=4)
     assert out[0].tolist() == [0.25, 0.5, 0.5]
+
+
+@pytest.mark.parametrize("v_reset", RESETS)
+@pytest.mark.parametrize("detach_reset", [False, True], ids=["attached", "detached"])
+@pytest.mark.parametrize("surrogate", ["atan", "rectangle"])
+def test_backward_through_membranes_at_the_threshold(backend, v_reset, detach_reset, surrogate):
+    """The backward pass recomputes the membrane and gates the hard reset by the spike: both must
+    fire at m = θ as the forward did, or the surrogate is taken at the wrong membrane."""
+    x = _columns(torch.float64).requires_grad_()
+    weights = torch.linspace(-1.0, 1.0, x.numel(), dtype=torch.float64).reshape(x.shape)
+    kwargs = dict(v_reset=v_reset, detach_reset=detach_reset, surrogate=surrogate, width=0.75)
+    out = ops.if_sequence(x, 1.0, **kwargs)
+    ((out.spikes * weights).sum() + out.v.sum()).backward()
+    xr = x.detach().clone().requires_grad_()
+    spikes, v, _, _ = reference.if_sequence(xr, 1.0, **kwargs)
+    ((spikes * weights).sum() + v.sum()).backward()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-12, atol=1e-12)
