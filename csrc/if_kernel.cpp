@@ -123,15 +123,23 @@ void backward_block(const In* grad_spikes, const In* x, const IFShape& shape, in
     for (int64_t j = 0; j < n; ++j) {
       const Acc m = mt[j];
       const Acc sg = surrogate_grad(m - th[j], SG, width);
-      Acc dv_dm;
+      // Summed in autograd's order on the reference (so an overflow gives the same inf or NaN):
+      // dL/dm = (direct path through v) + (dL/ds from the spike and the reset)·σ'. The spike term
+      // is left out when nothing reaches s: σ' is NaN at a NaN membrane, and 0·NaN would turn a
+      // finite gradient through v (detach_reset) into NaN where the reference has none.
+      Acc direct;
       if constexpr (HARD) {
-        const Acc fired = m >= th[j] ? Acc(1) : Acc(0);
-        dv_dm = DETACH ? Acc(1) - fired : Acc(1) - fired + (v_reset - m) * sg;
+        direct = grad_v[j] * (Acc(1) - (m >= th[j] ? Acc(1) : Acc(0)));
       } else {
-        dv_dm = DETACH ? Acc(1) : Acc(1) - th[j] * sg;
+        direct = grad_v[j];
       }
-      const Acc gs = gst ? load<Acc>(gst + j) : Acc(0);
-      const Acc gm = gs * sg + grad_v[j] * dv_dm;
+      Acc gm = direct;
+      if (!DETACH) {
+        const Acc through_reset = HARD ? grad_v[j] * (v_reset - m) : -grad_v[j] * th[j];
+        gm = direct + (gst ? load<Acc>(gst + j) + through_reset : through_reset) * sg;
+      } else if (gst) {
+        gm = direct + load<Acc>(gst + j) * sg;
+      }
       store(gxt + j, gm);
       grad_v[j] = gm;
     }

@@ -64,23 +64,30 @@ struct Tiling {
   }
 };
 
+// A window's k spikes over its n neurons (`inverse` = 1/n: 1, ½ or ¼): k·(1/n) is exact, then
+// one rounding × scale, as avg_pool2d's k / n followed by × scale. (k · (scale/n) rounds scale/n
+// first, which loses bits for a subnormal scale/n and broke bit-identity.)
+template <typename Acc>
+inline Acc pooled_value(int k, Acc inverse, Acc scale) {
+  return static_cast<Acc>(k) * inverse * scale;
+}
+
 // One output row from one or two rows of spikes (`bottom` null: ceil_mode's overhanging last
-// row). A window's k spikes give k · (scale / neurons in the window): the same single rounding
-// as avg_pool2d's exact k / count followed by × scale, so the result equals the reference's.
+// row), each window through pooled_value.
 template <typename Out, typename Acc>
 inline void pool_row(const uint8_t* __restrict top, const uint8_t* __restrict bottom, const PoolShape& p,
                      Acc scale, Out* __restrict out) {
   const int64_t W = p.W, inner = p.inner, full_cols = W / 2;
   const bool edge = p.ceil_mode && W % 2 == 1;  // a last window one column wide
-  const Acc w_pair = scale * (bottom ? Acc(0.25) : Acc(0.5)), w_edge = scale * (bottom ? Acc(0.5) : Acc(1));
+  const Acc inv_pair = bottom ? Acc(0.25) : Acc(0.5), inv_edge = bottom ? Acc(0.5) : Acc(1);
   if (inner == 1) {
     if (bottom) {
       for (int64_t c = 0; c < full_cols; ++c) {
         const int k = top[2 * c] + top[2 * c + 1] + bottom[2 * c] + bottom[2 * c + 1];
-        store(out + c, static_cast<Acc>(k) * w_pair);
+        store(out + c, pooled_value(k, inv_pair, scale));
       }
     } else {
-      for (int64_t c = 0; c < full_cols; ++c) store(out + c, static_cast<Acc>(top[2 * c] + top[2 * c + 1]) * w_pair);
+      for (int64_t c = 0; c < full_cols; ++c) store(out + c, pooled_value(top[2 * c] + top[2 * c + 1], inv_pair, scale));
     }
   } else {  // channels innermost: every window is `inner` contiguous lanes
     for (int64_t c = 0; c < full_cols; ++c) {
@@ -89,17 +96,19 @@ inline void pool_row(const uint8_t* __restrict top, const uint8_t* __restrict bo
       Out* __restrict o = out + c * inner;
       if (b) {
         for (int64_t k = 0; k < inner; ++k) {
-          store(o + k, static_cast<Acc>(a[k] + a[inner + k] + b[k] + b[inner + k]) * w_pair);
+          store(o + k, pooled_value(a[k] + a[inner + k] + b[k] + b[inner + k], inv_pair, scale));
         }
       } else {
-        for (int64_t k = 0; k < inner; ++k) store(o + k, static_cast<Acc>(a[k] + a[inner + k]) * w_pair);
+        for (int64_t k = 0; k < inner; ++k) store(o + k, pooled_value(a[k] + a[inner + k], inv_pair, scale));
       }
     }
   }
   if (edge) {
     const uint8_t* a = top + (W - 1) * inner;
     const uint8_t* b = bottom ? bottom + (W - 1) * inner : nullptr;
-    for (int64_t k = 0; k < inner; ++k) store(out + full_cols * inner + k, static_cast<Acc>(a[k] + (b ? b[k] : 0)) * w_edge);
+    for (int64_t k = 0; k < inner; ++k) {
+      store(out + full_cols * inner + k, pooled_value(a[k] + (b ? b[k] : 0), inv_edge, scale));
+    }
   }
 }
 
@@ -129,11 +138,11 @@ inline void add_row_pairs(const uint8_t* __restrict s, int64_t pairs, int64_t W,
 }
 
 template <typename Out, typename Acc>
-inline void windows_to_out(const uint8_t* __restrict sums, int64_t windows, Acc weight, Out* __restrict out) {
+inline void windows_to_out(const uint8_t* __restrict sums, int64_t windows, Acc scale, Out* __restrict out) {
   for (int64_t q = 0; q < windows; ++q) {
     uint16_t both;
     std::memcpy(&both, sums + 2 * q, 2);
-    store(out + q, static_cast<Acc>(static_cast<int>((both & 0xFFu) + (both >> 8))) * weight);
+    store(out + q, pooled_value(static_cast<int>((both & 0xFFu) + (both >> 8)), Acc(0.25), scale));
   }
 }
 
@@ -153,7 +162,7 @@ void pool_scratch(const uint8_t* scratch, int64_t scratch_row, int steps, const 
       Out* o = out + u * out_step + g * out_plane;
       if (flat) {
         add_row_pairs(s, flat_pairs, p.W, pair_sums);
-        windows_to_out(pair_sums, flat_pairs * (p.W / 2), scale * Acc(0.25), o);
+        windows_to_out(pair_sums, flat_pairs * (p.W / 2), scale, o);
       }
       for (int64_t i = i0 + flat_pairs; i < i1; ++i) {  // the rest: odd W, channels-last, ceil's last row
         const uint8_t* top = s + (2 * i - task.r0) * tiling.row;

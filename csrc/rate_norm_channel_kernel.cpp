@@ -87,11 +87,12 @@ void channel_relu_max(const In* x, const Walk& w, float* best, int num_threads) 
 }
 
 // Writes the rows [first, last) of C elements, one per channel (offset o·C), and returns their
-// (Σr, Σr²) in Acc; not inlined, as rate_norm_lines.h's loops.
+// (Σr, Σr²) accumulated in double; not inlined, as rate_norm_lines.h's loops.
 template <bool QUANT, typename In, typename Acc>
-__attribute__((noinline)) std::array<Acc, 2> forward_rows(const In* __restrict x, int64_t first, int64_t last, int64_t C,
-                                                          const Acc* __restrict theta, Acc levels, In* __restrict r) {
-  Acc sum_r = 0, sum_r2 = 0;
+__attribute__((noinline)) std::array<double, 2> forward_rows(const In* __restrict x, int64_t first, int64_t last,
+                                                             int64_t C, const Acc* __restrict theta, Acc levels,
+                                                             In* __restrict r) {
+  double sum_r = 0, sum_r2 = 0;
   for (int64_t o = first; o < last; ++o) {
     const In* xo = x + o * C;
     In* ro = r + o * C;
@@ -122,7 +123,7 @@ template <bool HAS_GRAD_R, bool QUANT, typename In, typename Acc>
 __attribute__((noinline)) void backward_row(const In* __restrict grad_r, Acc grad_sum_r, Acc grad_sum_r2,
                                             const In* __restrict x, int64_t offset, int64_t C,
                                             const Acc* __restrict theta, Acc levels, In* __restrict grad_x,
-                                            Acc* __restrict chunk) {
+                                            double* __restrict chunk) {
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
     chunk[c] += backward_element<HAS_GRAD_R, QUANT>(grad_r, grad_sum_r, grad_sum_r2, x, offset + c, theta[c], levels,
@@ -140,11 +141,11 @@ void backward_pass(const In* __restrict grad_r, Acc grad_sum_r, Acc grad_sum_r2,
 #pragma omp parallel num_threads(num_threads) if (w.M >= kParallelMinWork)
   {
     std::vector<double> mine(C, 0.0);
-    std::vector<Acc> chunk(w.by_rows() ? C : 0);
+    std::vector<double> chunk(w.by_rows() ? C : 0);
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < items; ++item) {
       if (w.by_rows()) {
-        std::fill(chunk.begin(), chunk.end(), Acc(0));
+        std::fill(chunk.begin(), chunk.end(), 0.0);
         for (int64_t o = w.first_row(item); o < w.last_row(item); ++o) {
           backward_row<HAS_GRAD_R, QUANT>(grad_r, grad_sum_r, grad_sum_r2, x, o * C, C, theta, levels, grad_x,
                                           chunk.data());

@@ -45,7 +45,7 @@ template <bool HAS_GRAD_R, bool QUANT, typename In, typename Acc>
 double backward_pass(const In* grad_r, Acc grad_sum_r, Acc grad_sum_r2, const In* x, int64_t M, Acc theta,
                      Acc levels, In* grad_x, int num_threads) {
   return chunked_sums<1>(M, num_threads, [&](int64_t begin, int64_t end) {
-    return std::array<Acc, 1>{backward_line<HAS_GRAD_R, QUANT>(grad_r, grad_sum_r, grad_sum_r2, x, begin, end, theta,
+    return std::array<double, 1>{backward_line<HAS_GRAD_R, QUANT>(grad_r, grad_sum_r, grad_sum_r2, x, begin, end, theta,
                                                                levels, grad_x)};
   })[0];
 }

@@ -13,23 +13,28 @@
 
 namespace rnl_fast {
 
-// Writes r[begin, end) and returns its (Σr, Σr²) in Acc. QUANT: r quantized to `levels`.
+// Writes r[begin, end) and returns its (Σr, Σr²), accumulated in double: a float running sum of
+// 4096 rates near ½ drifts by ~3e-5 relative (the reference sums pairwise, ~1e-7).
+// QUANT: r quantized to `levels`.
 template <bool QUANT, typename In, typename Acc>
-__attribute__((noinline)) std::array<Acc, 2> forward_line(const In* __restrict x, int64_t begin, int64_t end,
-                                                          Acc theta, Acc levels, In* __restrict r) {
-  Acc sum_r = 0, sum_r2 = 0;
+__attribute__((noinline)) std::array<double, 2> forward_line(const In* __restrict x, int64_t begin, int64_t end,
+                                                             Acc theta, Acc levels, In* __restrict r) {
+  double sum_r = 0, sum_r2 = 0;
 #pragma omp simd reduction(+ : sum_r, sum_r2)
   for (int64_t i = begin; i < end; ++i) {
     const Acc rate = forward_rate<QUANT>(load<Acc>(x + i), theta, levels);
     store(r + i, rate);
     sum_r += rate;
-    sum_r2 += rate * rate;
+    sum_r2 += rate * rate;  // the square rounded in Acc, as the reference's r * r
   }
   return {sum_r, sum_r2};
 }
 
 // The gradient of one element: writes grad_x[i], returns its term of dL/dθ. grad_x = g/θ inside
-// the window (else 0), g = grad_r + grad_sum_r + 2·r·grad_sum_r2; HAS_GRAD_R is a template
+// the window (else 0), g = grad_r + grad_sum_r + 2·r·grad_sum_r2, the last term only when
+// grad_sum_r2 ≠ 0 (autograd adds nothing for an unused Σr², and 0·r is NaN where r is, e.g. at
+// x = θ = inf). A NaN element (u NaN) gives a NaN term, as the reference's −g·clip(x)/θ² does:
+// a NaN in x makes dL/draw_p NaN like Σr, never a finite value that skips it. HAS_GRAD_R is a template
 // argument so that the loop carries no null check on grad_r. (With -ftrapping-math GCC left this
 // loop scalar: 8.4 ms instead of 0.8 ms for 3.2M fp32; setup.py.)
 template <bool HAS_GRAD_R, bool QUANT, typename In, typename Acc>
@@ -39,17 +44,17 @@ inline Acc backward_element(const In* __restrict grad_r, Acc grad_sum_r, Acc gra
   Acc u;
   const Acc rate = rate_grad<QUANT>(load<Acc>(x + i), theta, levels, inside, u);
   const Acc upstream = HAS_GRAD_R ? load<Acc>(grad_r + i) : Acc(0);
-  const Acc g = upstream + grad_sum_r + Acc(2) * rate * grad_sum_r2;
+  const Acc g = upstream + grad_sum_r + (grad_sum_r2 != Acc(0) ? Acc(2) * rate * grad_sum_r2 : Acc(0));
   store(grad_x + i, inside ? g / theta : Acc(0));
-  return inside ? -g * u / theta : Acc(0);
+  return inside ? -g * u / theta : (u != u ? u : Acc(0));
 }
 
-// Writes grad_x[begin, end) and returns their dL/dθ in Acc.
+// Writes grad_x[begin, end) and returns their dL/dθ, accumulated in double.
 template <bool HAS_GRAD_R, bool QUANT, typename In, typename Acc>
-__attribute__((noinline)) Acc backward_line(const In* __restrict grad_r, Acc grad_sum_r, Acc grad_sum_r2,
+__attribute__((noinline)) double backward_line(const In* __restrict grad_r, Acc grad_sum_r, Acc grad_sum_r2,
                                             const In* __restrict x, int64_t begin, int64_t end, Acc theta,
                                             Acc levels, In* __restrict grad_x) {
-  Acc part = 0;
+  double part = 0;
 #pragma omp simd reduction(+ : part)
   for (int64_t i = begin; i < end; ++i) {
     part += backward_element<HAS_GRAD_R, QUANT>(grad_r, grad_sum_r, grad_sum_r2, x, i, theta, levels, grad_x);

@@ -5,7 +5,7 @@ neurons and loops over all ``T`` steps with the membrane in registers, so every 
 ``x`` and ``spikes`` moves through memory exactly once per pass.
 
 The arithmetic mirrors :func:`rnl_fast.reference.if_sequence` operation by operation
-(``u = m − v_th``, spike iff ``u >= 0``, the reset written as the same products), so fp32 spikes
+(``u = m − v_th``, spike iff ``u >= 0``, the soft reset written as the same product), so fp32 spikes
 are bit-identical to the reference, NaN and infinite inputs included. Python scalars that enter
 the arithmetic (``v_reset``, ``width``) are constexprs: Triton then rounds them to the compute
 dtype exactly as PyTorch rounds a Python scalar, whereas a runtime float argument would always be
@@ -40,10 +40,10 @@ def _if_step(
     # reference when m and v_th are both infinite (inf − inf is NaN: no spike).
     fired = (m - v_th) >= 0
     s = fired.to(m.dtype)
-    # Products with s ∈ {0, 1} are exact, so these match the reference bit for bit (FMA included);
-    # m·(1 − s) also propagates an infinite m into NaN on a spike, as the reference does.
+    # v_th·s with s ∈ {0, 1} is exact, so the soft reset matches the reference bit for bit (FMA
+    # included). The hard reset selects v_reset after a spike whatever m was (an infinite m too).
     if HARD_RESET:
-        v_next = m * (1.0 - s) + V_RESET * s
+        v_next = tl.where(fired, V_RESET, m)
     else:
         v_next = m - v_th * s
     return m, fired, v_next
@@ -205,22 +205,22 @@ def _if_bwd_kernel(
         m = tl.load(membrane_ptrs, mask=in_range, other=0.0)
         u = m - v_th
         surrogate = _surrogate_grad(u, SURROGATE, WIDTH)
-        # dv_t/dm_t: the direct path, plus the path through the spike unless the reset is detached.
+        # Summed in autograd's order on the reference (so an overflow gives the same inf or NaN):
+        # dL/dm = (direct path through v) + (dL/ds from the spike and the reset)·σ'.
         if HARD_RESET:
-            not_fired = 1.0 - (u >= 0).to(compute_dtype)
-            if DETACH_RESET:
-                dv_dm = not_fired
-            else:
-                dv_dm = not_fired + (V_RESET - m) * surrogate
+            grad_m = grad_v * (1.0 - (u >= 0).to(compute_dtype))
         else:
-            if DETACH_RESET:
-                dv_dm = tl.full([BLOCK], 1.0, compute_dtype)
+            grad_m = grad_v
+        if not DETACH_RESET:
+            if HARD_RESET:
+                grad_s = grad_v * (V_RESET - m)
             else:
-                dv_dm = 1.0 - v_th * surrogate
-        grad_m = grad_v * dv_dm
-        if HAS_GRAD_SPIKES:
-            grad_spike = tl.load(grad_spike_ptrs, mask=in_range, other=0.0).to(compute_dtype)
-            grad_m += grad_spike * surrogate
+                grad_s = -grad_v * v_th
+            if HAS_GRAD_SPIKES:
+                grad_s = tl.load(grad_spike_ptrs, mask=in_range, other=0.0).to(compute_dtype) + grad_s
+            grad_m += grad_s * surrogate
+        elif HAS_GRAD_SPIKES:
+            grad_m += tl.load(grad_spike_ptrs, mask=in_range, other=0.0).to(compute_dtype) * surrogate
         tl.store(grad_x_ptrs, grad_m.to(grad_x_ptr.dtype.element_ty), mask=in_range)
         # m_t = v_{t−1} + x_t, so dL/dv_{t−1} = dL/dx_t = dL/dm_t.
         grad_v = grad_m
@@ -348,4 +348,5 @@ def if_bwd(
         SURROGATE=surrogate,
         WIDTH=float(width),
         DETACH_RESET=detach_reset,
+        enable_fp_fusion=False,  # no FMA: the sums round as autograd's separate ops on the reference
     )

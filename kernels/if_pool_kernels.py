@@ -109,11 +109,12 @@ def _if_fwd_pool_kernel(
     c10 = tl.zeros([BLOCK], dtype=tl.int32)
     c11 = tl.zeros([BLOCK], dtype=tl.int32)
 
-    # k spikes of a window of n neurons give k · (scale / n): one rounding of the exact k/n·scale,
-    # as avg_pool2d then × scale (1/n is 1, 1/2 or 1/4, so scale/n is exact).
+    # k spikes of a window of n neurons give (k · 1/n) · scale: k/n is exact (1/n is 1, ½ or ¼),
+    # then one rounding, as avg_pool2d then × scale (scale/n first would lose a subnormal's bits).
     neurons_in_quad = 1 + has_right.to(tl.int32) + has_bottom.to(tl.int32) + (has_right & has_bottom).to(tl.int32)
     inverse = tl.where(neurons_in_quad == 4, 0.25, tl.where(neurons_in_quad == 2, 0.5, 1.0))
-    weight = tl.load(scale_ptr) * inverse.to(compute_dtype)
+    scale = tl.load(scale_ptr)
+    inverse = inverse.to(compute_dtype)
     out_mask = in_range & (qi < OH) & (qj < OW)
     out_ptrs = pooled_ptr + ((plane.to(tl.int64) * OH + qi) * OW + qj) * INNER + k
 
@@ -129,7 +130,8 @@ def _if_fwd_pool_kernel(
         c10 += s10
         c11 += s11
         k = s00 + s01 + s10 + s11
-        tl.store(out_ptrs, _to_output(k.to(compute_dtype) * weight, pooled_ptr.dtype.element_ty), mask=out_mask)
+        pooled = k.to(compute_dtype) * inverse * scale
+        tl.store(out_ptrs, _to_output(pooled, pooled_ptr.dtype.element_ty), mask=out_mask)
         step_spike_count = tl.sum(k, axis=0).to(tl.int64)
         tl.atomic_add(step_counts_ptr + t, step_spike_count, mask=step_spike_count != 0, sem="relaxed")
         time_offset += x_time_stride

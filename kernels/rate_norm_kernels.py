@@ -231,21 +231,25 @@ def _rate_norm_bwd_kernel(
     # Recompute r̂ rather than save it: one read of x instead of a write and a read of r̂.
     r, inside, u = _rate_and_grad(x, theta, LEVELS)
 
-    # dL/dr̂ from r̂ itself and from the sums Σr̂, Σr̂².
-    grad = tl.load(grad_sums_ptr) + 2.0 * r * tl.load(grad_sums_ptr + 1)
+    # dL/dr̂ from r̂ itself and from the sums Σr̂, Σr̂²; the Σr̂² term only when its gradient is not 0,
+    # as autograd adds nothing for an unused sum (0·r̂ is NaN where r̂ is, e.g. at x = θ = inf).
+    grad_sum_r2 = tl.load(grad_sums_ptr + 1)
+    grad = tl.load(grad_sums_ptr) + tl.where(grad_sum_r2 != 0, 2.0 * r * grad_sum_r2, 0.0)
     if HAS_GRAD_R:
         grad += tl.load(grad_r_ptr + offsets, mask=in_range, other=0.0).to(compute_dtype)
     # Inside the clip range (inclusive, as torch.clamp's backward) r̂ = x/θ; outside it is 0 or
     # θ/θ, which depends on neither x nor θ (quantized: QCFS's window, see _rate_and_grad).
-    # Out-of-range lanes have x = 0: they add nothing to dL/dθ (u = 0), and are not stored.
+    # Out-of-range lanes have x = 0: they add nothing to dL/dθ (u = 0), and are not stored. A NaN
+    # x (u NaN) adds NaN, as the reference's −g·clip(x)/θ² does: dL/draw_p is NaN like Σr̂.
     grad_x = tl.where(inside, grad / theta, 0.0)
     tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=in_range)
     # θ = sigmoid(raw_p)·running_max + eps: chain rule to raw_p (the running max gets no gradient).
     if CHANNEL_WISE:  # dL/dp = Σ_c dL/dθ_c·running_max_c, taken element by element
-        grad_p = tl.sum(tl.where(inside, -grad * u / theta * running_max.to(compute_dtype), 0.0), axis=0)
+        outside = tl.where(u != u, u, 0.0)
+        grad_p = tl.sum(tl.where(inside, -grad * u / theta * running_max.to(compute_dtype), outside), axis=0)
         tl.store(partials_ptr + program, grad_p * p * (1.0 - p))
     else:
-        grad_theta = tl.sum(tl.where(inside, -grad * u / theta, 0.0), axis=0)
+        grad_theta = tl.sum(tl.where(inside, -grad * u / theta, tl.where(u != u, u, 0.0)), axis=0)
         tl.store(partials_ptr + program, grad_theta * running_max.to(compute_dtype) * p * (1.0 - p))
 
 

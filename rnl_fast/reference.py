@@ -61,6 +61,22 @@ class _Heaviside(torch.autograd.Function):
         return grad_spike * surrogate_grad(u, ctx.surrogate, ctx.width), None, None
 
 
+class _HardReset(torch.autograd.Function):
+    """``v_reset if s else m`` forward (an infinite m too); backward as the product form
+    ``m·(1 − s) + v_reset·s``: dv/dm = 1 − s, dv/ds = v_reset − m."""
+
+    @staticmethod
+    def forward(ctx, m: Tensor, s: Tensor, v_reset: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(m, s)
+        ctx.v_reset = v_reset
+        return torch.where(s != 0, torch.full_like(m, v_reset), m)
+
+    @staticmethod
+    def backward(ctx, grad_v: Tensor):  # type: ignore[override]
+        m, s = ctx.saved_tensors
+        return grad_v * (1.0 - s), grad_v * (ctx.v_reset - m), None
+
+
 def if_sequence(
     x: Tensor,
     v_th: Tensor | float = 1.0,
@@ -77,7 +93,10 @@ def if_sequence(
     (``v_reset is None``) or hard reset ``v = v_reset if s[t] else m``.
 
     Arithmetic runs in float32 (float64 for float64 input). A NaN in ``x`` makes ``m`` NaN: that
-    neuron does not fire at that step and its membrane stays NaN (silent) from then on.
+    neuron does not fire at that step and its membrane stays NaN (silent) from then on. The resets
+    apply as written whatever ``m`` is: a +inf membrane fires; the hard reset then sets v_reset
+    (the neuron carries on), the soft reset leaves inf − v_th = inf (it fires at every step). A
+    −inf membrane never fires and stays −inf.
 
     Args:
         x: ``[T, *]`` input current per step.
@@ -105,7 +124,7 @@ def if_sequence(
         if v_reset is None:
             v = m - v_th_t * reset
         else:
-            v = m * (1.0 - reset) + v_reset * reset
+            v = _HardReset.apply(m, reset, v_reset)
         spikes.append(s)
     s_all = torch.stack(spikes)
     step_counts = s_all.detach().flatten(1).sum(1, dtype=torch.int64)
@@ -241,6 +260,10 @@ def rate_norm(
     Returns:
         r̂ ``[*]`` in ``x.dtype``; the running max used (``[]`` or ``[C]``); Σr̂ ``[]`` and Σr̂²
         ``[]`` over all elements (float32, float64 for float64 input), for the Rate Inference Loss.
+
+    NaN: a NaN element has a NaN rate, gradient 0, and makes the gradient of ``raw_p`` NaN
+    through its term −g·clip(x)/θ² whatever the loss reads (a corrupt batch gives no finite step);
+    the kernels follow. The sums are float32 pairwise sums of the float32 rates (half inputs too).
     """
     compute_dtype = compute_dtype_of(x.dtype)
     if training:

@@ -68,7 +68,11 @@ def time_major(x: Tensor) -> Tensor:
     T = x.shape[0]
     if T > 1 and x.stride(0) == 0:
         return x[0].contiguous().reshape(1, -1).expand(T, -1)
-    return x.contiguous().reshape(T, -1)
+    x2 = x.contiguous().reshape(T, -1)
+    # A dim of size 1 keeps whatever stride it had (a `[1, 2][:, ::2]` view is contiguous with
+    # strides (2, 2)); its stride is never used, so give the kernels the dense ones they expect.
+    N = x2.shape[1]
+    return x2 if x2.stride() == (N, 1) else x2.as_strided((T, N), (N, 1))
 
 
 def pool_out_size(size: int, ceil_mode: bool) -> int:
