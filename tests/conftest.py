@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,10 @@ import torch
 # be set before triton compiles (decorates) any kernel.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The shared comparisons (_compare.py) are imported by name: --import-mode=importlib leaves
+# sys.path alone, so this folder goes on it here, before any test module is imported.
+sys.path.insert(0, str(Path(__file__).parent))
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_CUDA = torch.cuda.is_available()

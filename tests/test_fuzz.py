@@ -14,6 +14,7 @@ import os
 
 import pytest
 import torch
+from _compare import assert_if_same
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -87,14 +88,6 @@ def _seed_from(draw) -> None:
     torch.manual_seed(draw(st.integers(0, 2**32 - 1)))
 
 
-def _assert_if_same(fast: IFResult, ref: IFResult) -> None:
-    assert fast.spikes.dtype == ref.spikes.dtype and fast.spikes.shape == ref.spikes.shape
-    assert torch.equal(fast.spikes, ref.spikes), "spikes differ from the reference"
-    torch.testing.assert_close(fast.v, ref.v, rtol=1e-6, atol=1e-6, equal_nan=True)
-    assert torch.equal(fast.step_counts, ref.step_counts)
-    assert torch.equal(fast.neuron_counts, ref.neuron_counts)
-
-
 @FUZZ
 @given(data=st.data())
 def test_if_forward(backend, data):
@@ -107,7 +100,7 @@ def test_if_forward(backend, data):
         return
     fast = ops.if_sequence(x, spike_dtype=spike_dtype, **options)
     ref = IFResult(*reference.if_sequence(x, spike_dtype=spike_dtype, **options))
-    _assert_if_same(fast, ref)
+    assert_if_same(fast, ref, exact_v=True)
 
 
 @FUZZ

@@ -6,6 +6,7 @@ import importlib.util
 
 import pytest
 import torch
+from _compare import assert_if_same
 
 from rnl_fast import ops, reference
 from rnl_fast.numerics import SURROGATES
@@ -14,14 +15,6 @@ from rnl_fast.ops import IFResult
 
 def _reference(x, **kwargs) -> IFResult:
     return IFResult(*reference.if_sequence(x, **kwargs))
-
-
-def _assert_same(fast: IFResult, ref: IFResult) -> None:
-    assert fast.spikes.dtype == ref.spikes.dtype and fast.spikes.shape == ref.spikes.shape
-    assert torch.equal(fast.spikes, ref.spikes), "spikes differ from the reference"
-    torch.testing.assert_close(fast.v, ref.v, rtol=1e-6, atol=1e-6, equal_nan=True)
-    assert torch.equal(fast.step_counts, ref.step_counts)
-    assert torch.equal(fast.neuron_counts, ref.neuron_counts)
 
 
 def _current(T: int, *neurons: int, dtype=torch.float32) -> torch.Tensor:
@@ -43,44 +36,44 @@ CASES = [
 def test_forward_matches_reference(backend, case, v_reset):
     x = _current(case["T"], *case["neurons"])
     kwargs = dict(v_th=0.9, v_init=0.25, v_reset=v_reset)
-    _assert_same(ops.if_sequence(x, **kwargs), _reference(x, **kwargs))
+    assert_if_same(ops.if_sequence(x, **kwargs), _reference(x, **kwargs))
 
 
 def test_long_sequence(backend):
     T = 1000 if backend != "triton" else 1200
     x = _current(T, 3, 7) * 0.3
-    _assert_same(ops.if_sequence(x, v_th=0.7), _reference(x, v_th=0.7))
+    assert_if_same(ops.if_sequence(x, v_th=0.7), _reference(x, v_th=0.7))
 
 
 def test_per_channel_threshold_and_membrane(backend):
     x = _current(11, 4, 3, 5)
     v_th = torch.rand(3, 1) + 0.3  # per channel, broadcast over the last dim
     v_init = torch.randn(4, 3, 5) * 0.2
-    _assert_same(ops.if_sequence(x, v_th=v_th, v_init=v_init), _reference(x, v_th=v_th, v_init=v_init))
+    assert_if_same(ops.if_sequence(x, v_th=v_th, v_init=v_init), _reference(x, v_th=v_th, v_init=v_init))
 
 
 def test_constant_input_stride_zero(backend):
     current = torch.rand(6, 17)
     x = current.expand(40, 6, 17)
     assert x.stride(0) == 0
-    _assert_same(ops.if_sequence(x, v_th=0.8), _reference(x.contiguous(), v_th=0.8))
+    assert_if_same(ops.if_sequence(x, v_th=0.8), _reference(x.contiguous(), v_th=0.8))
 
 
 def test_non_contiguous_input(backend):
     x = _current(12, 9, 8).transpose(1, 2)
     assert not x.is_contiguous()
-    _assert_same(ops.if_sequence(x), _reference(x.contiguous()))
+    assert_if_same(ops.if_sequence(x), _reference(x.contiguous()))
 
 
 def test_channels_last_input_keeps_its_layout(backend):
     x = _current(9, 2, 6, 5, 4).permute(0, 1, 4, 2, 3)  # [T, B, C, H, W] lying as [T, B, H, W, C]
     v_th = torch.rand(4, 1, 1) + 0.3
     fast = ops.if_sequence(x, v_th=v_th)
-    _assert_same(fast, _reference(x.contiguous(), v_th=v_th))
+    assert_if_same(fast, _reference(x.contiguous(), v_th=v_th))
     if backend != "torch":
         assert fast.spikes.permute(0, 1, 3, 4, 2).is_contiguous()
     second = ops.if_sequence(x, v_th=v_th, v_init=fast.v)  # the carried membrane, same layout
-    _assert_same(second, _reference(x.contiguous(), v_th=v_th, v_init=fast.v))
+    assert_if_same(second, _reference(x.contiguous(), v_th=v_th, v_init=fast.v))
 
 
 @pytest.mark.parametrize("spike_dtype", [torch.uint8, torch.bool], ids=["uint8", "bool"])
@@ -88,7 +81,7 @@ def test_byte_spikes(backend, spike_dtype):
     x = _current(10, 3, 11)
     fast = ops.if_sequence(x, spike_dtype=spike_dtype)
     ref = _reference(x, spike_dtype=spike_dtype)
-    _assert_same(fast, ref)
+    assert_if_same(fast, ref)
     assert fast.spikes.dtype == spike_dtype
     assert set(fast.spikes.view(torch.uint8).unique().tolist()) <= {0, 1}
 
@@ -139,7 +132,7 @@ def test_nan_input_silences_the_neuron(backend):
     x = torch.full((8, 3), 0.6)
     x[2, 1] = float("nan")
     out = ops.if_sequence(x, v_th=1.0)
-    _assert_same(out, _reference(x, v_th=1.0))
+    assert_if_same(out, _reference(x, v_th=1.0))
     assert out.spikes[2:, 1].sum() == 0
     assert torch.isnan(out.v[1]) and not torch.isnan(out.v[[0, 2]]).any()
     assert out.spikes[:, 0].sum() > 0
@@ -161,7 +154,7 @@ def test_outputs_are_fully_written(backend, poisoned_allocations):
     x = _current(9, 3, 41)
     with poisoned_allocations():
         out = ops.if_sequence(x, v_th=0.8)
-    _assert_same(out, _reference(x, v_th=0.8))
+    assert_if_same(out, _reference(x, v_th=0.8))
 
 
 # ─── backward ────────────────────────────────────────────────────────────────────────────────

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _compare import assert_if_same
 
 import rnl_fast
 from rnl_fast import ops, reference
@@ -18,12 +19,7 @@ def _reference(x, v_th=1.0, **kwargs) -> IFResult:
 
 
 def _assert_same(fast: IFResult, ref: IFResult) -> None:
-    assert fast.spikes.dtype == ref.spikes.dtype and fast.spikes.shape == ref.spikes.shape
-    assert torch.equal(fast.spikes, ref.spikes), "pooled rates differ from the reference"
-    assert fast.v.dtype == ref.v.dtype
-    assert torch.equal(fast.v, ref.v), "final membrane differs from the reference"
-    assert torch.equal(fast.step_counts, ref.step_counts)
-    assert torch.equal(fast.neuron_counts, ref.neuron_counts)
+    assert_if_same(fast, ref, exact_v=True, what="pooled rates")
 
 
 def _current(T: int, *neurons: int, dtype=torch.float32) -> torch.Tensor:
