@@ -44,30 +44,17 @@ def test_if_sequence_per_channel_threshold_is_a_buffer():
 
 @pytest.mark.skipif(importlib.util.find_spec("spikingjelly") is None, reason="spikingjelly not installed")
 @pytest.mark.parametrize("v_reset", [None, 0.0], ids=["soft", "hard"])
-def test_equals_spikingjelly_ifnode(v_reset):
-    from spikingjelly.activation_based import functional, neuron, surrogate
-
-    x = torch.randn(40, 4, 33) * 0.7 + 0.3
-    sj = neuron.IFNode(v_threshold=0.9, v_reset=v_reset, step_mode="m", surrogate_function=surrogate.ATan())
-    ours = rnl_fast.IFSequence(v_threshold=0.9, v_reset=v_reset)
-    xs, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
-    s_sj, s_ours = sj(xs), ours(xo)
-    assert torch.equal(s_ours, s_sj)
-    weight = torch.randn_like(x)
-    (s_sj * weight).sum().backward()
-    (s_ours * weight).sum().backward()
-    torch.testing.assert_close(xo.grad, xs.grad, rtol=1e-4, atol=1e-5)  # same ATan surrogate
-    functional.reset_net(sj)
-
-
-@pytest.mark.skipif(importlib.util.find_spec("spikingjelly") is None, reason="spikingjelly not installed")
-@pytest.mark.parametrize("v_reset", [None, 0.0], ids=["soft", "hard"])
 @pytest.mark.parametrize("detach_reset", [False, True], ids=["reset-grad", "detach-reset"])
-@pytest.mark.parametrize("alpha", [None, 1.5], ids=["sj-default", "alpha1.5"])
-def test_sigmoid_gradient_equals_spikingjelly_ifnode(backend, v_reset, detach_reset, alpha):
-    """surrogate="sigmoid", width=1/alpha is SpikingJelly's Sigmoid(alpha): the gradients of a multi-step
-    IFNode, to 1e-6 relative (float64, so that only the surrogate can differ, not the order of the
-    float32 additions). alpha None: IFNode's default surrogate, which is Sigmoid(alpha=4), width 0.25."""
+@pytest.mark.parametrize(
+    "kind, alpha",
+    [("sigmoid", None), ("sigmoid", 1.5), ("atan", 2.0), ("atan", 3.0)],
+    ids=["sigmoid-sj-default", "sigmoid-1.5", "atan-sj-default", "atan-3"],
+)
+def test_gradient_equals_spikingjelly_ifnode(backend, v_reset, detach_reset, kind, alpha):
+    """surrogate="sigmoid", width=1/alpha is SpikingJelly's Sigmoid(alpha), "atan", width=2/alpha its
+    ATan(alpha): spikes, and the gradients of a multi-step IFNode to 1e-6 relative (float64, so that
+    only the surrogate can differ, not the order of the float32 additions). Sigmoid with alpha None:
+    IFNode's default surrogate, which is Sigmoid(alpha=4), width 0.25."""
     from spikingjelly.activation_based import functional, neuron, surrogate
 
     x = torch.randn(40, 4, 33, dtype=torch.float64) * 0.7 + 0.3
@@ -76,10 +63,13 @@ def test_sigmoid_gradient_equals_spikingjelly_ifnode(backend, v_reset, detach_re
         sj = neuron.IFNode(**options)
         assert type(sj.surrogate_function) is surrogate.Sigmoid and sj.surrogate_function.alpha == 4.0
         width = 0.25
-    else:
+    elif kind == "sigmoid":
         sj = neuron.IFNode(**options, surrogate_function=surrogate.Sigmoid(alpha=alpha))
         width = 1.0 / alpha
-    ours = rnl_fast.IFSequence(surrogate="sigmoid", width=width, **options)
+    else:
+        sj = neuron.IFNode(**options, surrogate_function=surrogate.ATan(alpha=alpha))
+        width = 2.0 / alpha
+    ours = rnl_fast.IFSequence(surrogate=kind, width=width, **options)
     xs, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
     s_sj, s_ours = sj(xs), ours(xo)
     assert torch.equal(s_ours, s_sj)

@@ -61,20 +61,18 @@ def _assert_same_simulation(snn, back, x) -> None:
         assert (theirs.fused_pool is None) == (ours.fused_pool is None), name
 
 
+@pytest.mark.parametrize(
+    "model, calibration_shape, x_shape",
+    [
+        pytest.param("cnn7", (8, 1, 28, 28), (3, 1, 28, 28), id="cnn7"),
+        pytest.param("vgg16", (4, 3, 32, 32), (2, 3, 32, 32), id="vgg16", marks=pytest.mark.slow),
+    ],
+)
 @pytest.mark.parametrize("method", METHODS)
-def test_cnn7_round_trips_exactly_through_a_file(method, tmp_path):
-    snn = _converted("cnn7", method, (8, 1, 28, 28))
-    x = torch.rand(3, 1, 28, 28)
-    back = _round_trip(snn, x, tmp_path / "cnn7.nir")
-    _assert_same_simulation(snn, back, x)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("method", METHODS)
-def test_vgg16_round_trips_exactly_through_a_file(method, tmp_path):
-    snn = _converted("vgg16", method, (4, 3, 32, 32))
-    x = torch.rand(2, 3, 32, 32)
-    back = _round_trip(snn, x, tmp_path / "vgg16.nir")
+def test_round_trips_exactly_through_a_file(model, calibration_shape, x_shape, method, tmp_path):
+    snn = _converted(model, method, calibration_shape)
+    x = torch.rand(x_shape)
+    back = _round_trip(snn, x, tmp_path / f"{model}.nir")
     _assert_same_simulation(snn, back, x)
 
 
