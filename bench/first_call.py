@@ -15,6 +15,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 
 #: The child process: import, then each op twice; prints one JSON object.
 CHILD = r"""
@@ -61,7 +62,10 @@ TARGET_S = 0.2
 
 def measure_once() -> dict:
     """One fresh process: the seconds of its imports and of each op's first and second call."""
-    done = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, check=False)
+    # From a temporary folder: `python -c` puts the working directory first on sys.path, and a
+    # source tree there may lack the built extension that the installed package has.
+    with tempfile.TemporaryDirectory() as folder:
+        done = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, cwd=folder)
     if done.returncode != 0:
         raise RuntimeError(f"the child process failed: {done.stderr.strip().splitlines()[-1:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
