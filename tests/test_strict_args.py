@@ -195,10 +195,14 @@ def test_simulate_names_a_missing_loader():
         rnl_fast.simulate(_tiny_rnl_model(), [], T=4)
 
 
-def test_convert_leaves_module_calls_in_other_threads_alone():
+@pytest.mark.parametrize("tracing", ["convert", "training readouts"])
+def test_tracing_leaves_module_calls_in_other_threads_alone(tracing):
     """torch.fx patches nn.Module.__call__ process-wide while it traces: plain forwards of an
     unrelated module in another thread must still return tensors (they got fx Proxies, or
-    failed, during conversions) and the converted graphs must not record them."""
+    failed, during conversions) and the traced graphs must not record them. Both places that
+    trace: convert(), and the training's search for the readout layers (rate_readouts)."""
+    from rnl_fast.train._layers import rate_readouts
+
     plain = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     x = torch.rand(3, 4)
     expected = plain(x)
@@ -218,12 +222,18 @@ def test_convert_leaves_module_calls_in_other_threads_alone():
             calls += 1
 
     model = _tiny_rnl_model().eval()
-    alone = str(rnl_fast.convert(model, "rnl").graph_module.graph)
+
+    def traced() -> str:
+        if tracing == "convert":
+            return str(rnl_fast.convert(model, "rnl").graph_module.graph)
+        return repr(rate_readouts(model))
+
+    alone = traced()
     thread = threading.Thread(target=infer)
     thread.start()
     try:
         for _ in range(20):
-            assert str(rnl_fast.convert(model, "rnl").graph_module.graph) == alone  # nothing from the thread
+            assert traced() == alone  # nothing from the thread
     finally:
         stop.set()
         thread.join()

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import copy
 import operator
-import threading
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import fx, nn
 
-from ..nn import QCFS, RateNorm
+from .._fx import trace_graph
 from .recipe import ConversionError
 
 #: Modules that are linear in their input (or reshape it): they run on spike tensors as they are.
@@ -27,54 +26,16 @@ LINEAR_FUNCTIONS = {operator.add, torch.add, torch.flatten, torch.reshape, opera
 LINEAR_METHODS = {"view", "reshape", "flatten", "size", "add", "contiguous"}
 
 
-#: Serialises the tracing of :func:`trace` across threads: torch.fx patches ``nn.Module.__call__``
-#: and ``__getattr__`` process-wide while it traces, and two overlapping patchers would restore
-#: each other's patches. Inference need not take it (see :class:`_Tracer`).
-TRACE_LOCK = threading.Lock()
-
-
-class _Tracer(fx.Tracer):
-    """torch.fx's tracer, keeping Rate Norm and QCFS layers as single (leaf) nodes, that leaves
-    module calls made by other threads alone.
-
-    While fx traces, every ``nn.Module`` call in the process goes through the patched
-    ``__call__``: a leaf module (a Conv2d) called by another thread on real tensors would be
-    recorded into this graph and hand that thread a Proxy. Calls and attribute reads from any
-    thread but the tracing one run as if nothing were patched. No math functions are auto-wrapped
-    (fx would patch other modules' globals as they are called, from any thread): a convertible
-    network calls none.
-    """
-
-    def __init__(self) -> None:
-        super().__init__(autowrap_modules=(), autowrap_functions=())
-        self._thread = threading.get_ident()
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (RateNorm, QCFS)) or super().is_leaf_module(m, qualname)
-
-    def call_module(self, m: nn.Module, forward, args, kwargs):
-        if threading.get_ident() != self._thread:
-            return forward(*args, **kwargs)
-        return super().call_module(m, forward, args, kwargs)
-
-    def getattr(self, attr: str, attr_val, parameter_proxy_cache):
-        if threading.get_ident() != self._thread:
-            return attr_val
-        return super().getattr(attr, attr_val, parameter_proxy_cache)
-
-
 def trace(model: nn.Module) -> fx.GraphModule:
     """``model`` as a ``torch.fx`` graph whose Rate Norm and QCFS layers stay single (leaf) nodes.
 
     Safe beside inference in other threads (module calls there are not traced) and beside other
-    conversions (they trace one at a time, :data:`TRACE_LOCK`)."""
-    with TRACE_LOCK:
-        tracer = _Tracer()
-        try:
-            graph = tracer.trace(model)
-        except Exception as error:  # fx raises many types; the message is what matters
-            raise ConversionError(f"cannot trace {type(model).__name__} with torch.fx: {error}") from error
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+    conversions (they trace one at a time): :func:`rnl_fast._fx.trace_graph`."""
+    try:
+        root, graph = trace_graph(model)
+    except Exception as error:  # fx raises many types; the message is what matters
+        raise ConversionError(f"cannot trace {type(model).__name__} with torch.fx: {error}") from error
+    return fx.GraphModule(root, graph, type(model).__name__)
 
 
 def check_convertible(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from torch import fx, nn
 
+from .._fx import trace_graph
 from ..nn import RateNorm
 
 
@@ -44,12 +45,8 @@ def rate_readouts(model: nn.Module) -> list[nn.Module]:
     trace.
     """
 
-    class _Tracer(fx.Tracer):
-        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return isinstance(m, RateNorm) or super().is_leaf_module(m, qualname)
-
     try:
-        graph = _Tracer().trace(model)
+        _, graph = trace_graph(model)  # safe beside other threads' forwards (rnl_fast._fx)
     except Exception:  # an untraceable model trains without the readout scaling
         return []
     modules = dict(model.named_modules())
