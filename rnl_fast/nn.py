@@ -32,7 +32,21 @@ RAW_P_MAX = 10.0
 STEP_MODES = ("m", "s")
 
 
-class IFSequence(nn.Module):
+class NeuronParameters(nn.Module):
+    """A module whose buffers are neuron parameters (thresholds, spike weights): ``.to(device)``
+    moves them, a dtype cast (``net.to(torch.bfloat16)``) leaves them float32. The kernels
+    integrate in float32 (float64 for float64 input) whatever the input dtype, and a threshold
+    rounded to bfloat16 would change which steps fire."""
+
+    def _apply(self, fn, recurse=True):
+        kept = {name: buffer for name, buffer in self._buffers.items() if buffer is not None}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            self._buffers[name] = before.to(self._buffers[name].device)
+        return self
+
+
+class IFSequence(NeuronParameters):
     """Multi-step integrate-and-fire neurons with soft (or hard) reset, one kernel per call.
 
     A drop-in for SpikingJelly's ``IFNode(v_reset=None, step_mode=...)``. The membrane ``.v``
@@ -117,16 +131,6 @@ class IFSequence(nn.Module):
         self.v: Tensor | None = None
         self.step_spike_counts: Tensor | None = None
         self._neuron_counts: Tensor | None = None
-
-    def _apply(self, fn, recurse=True):
-        # .to(device) moves a tensor threshold; a dtype cast (net.to(torch.bfloat16)) leaves it
-        # float32: the kernels integrate in float32 (float64 for float64 input) whatever the input
-        # dtype, and a threshold rounded to bfloat16 would change which steps fire.
-        kept = {name: buffer for name, buffer in self._buffers.items() if buffer is not None}
-        super()._apply(fn, recurse)
-        for name, before in kept.items():
-            self._buffers[name] = before.to(self._buffers[name].device)
-        return self
 
     def __getstate__(self) -> dict:
         # The carried state may hang on an autograd graph: copies and pickles start reset.

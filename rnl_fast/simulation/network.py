@@ -15,11 +15,11 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, fx, nn
 
-from ..nn import IFSequence
+from ..nn import IFSequence, NeuronParameters
 from .memory import chunk_budget
 
 
-class SpikingNeurons(nn.Module):
+class SpikingNeurons(NeuronParameters):
     """IF neurons standing where an ANN activation stood.
 
     ``forward(x)`` takes the input current either as ``[T, B, ...]`` (any strides, a stride-0
@@ -79,16 +79,6 @@ class SpikingNeurons(nn.Module):
     def channel_wise(self) -> bool:
         """Whether the threshold is per channel."""
         return isinstance(self.threshold, Tensor)
-
-    def _apply(self, fn, recurse=True):
-        # .to(device) moves the per-channel threshold and spike weight; .to(torch.bfloat16) must not
-        # round them: they stay float32, as the IF kernels take them (and as a float one is).
-        kept = {name: buffer for name, buffer in self._buffers.items() if buffer is not None}
-        super()._apply(fn, recurse)
-        for name, before in kept.items():
-            self._buffers[name] = before.to(self._buffers[name].device)
-        self._shaped_for = None  # shape (and place) the IF parameters again at the next forward
-        return self
 
     def per_channel(self, value: float | Tensor, ndim: int) -> float | Tensor:
         """``value`` broadcastable to neurons ``[B, C, ...]`` of ``ndim`` dims: a float as it is,
