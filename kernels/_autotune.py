@@ -23,6 +23,11 @@ def block_configs() -> list[triton.Config]:
     ]
 
 
+def min_block() -> int:
+    """The smallest BLOCK of :func:`block_configs`: buffers with a row per program are sized by it."""
+    return min(config.kwargs["BLOCK"] for config in block_configs())
+
+
 def size_class(n: int) -> int:
     """Autotune key: one bucket per factor of 16 in ``n``, so a new shape rarely triggers a retune."""
     return n.bit_length() // 4

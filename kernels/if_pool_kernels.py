@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._autotune import block_configs, size_class
-from .if_kernels import _if_step, _load_neuron_state
+from ._autotune import block_configs, min_block, size_class
+from .if_kernels import _if_step, _load_neuron_state, step_partials, sum_step_partials
 
 
 @triton.jit
@@ -44,7 +44,7 @@ def _to_output(value, out_dtype: tl.constexpr):
     return value.to(out_dtype)
 
 
-@triton.autotune(configs=block_configs(), key=["size_class"], reset_to_zero=["step_counts_ptr"])
+@triton.autotune(configs=block_configs(), key=["size_class"], reset_to_zero=["step_partials_ptr"])
 @triton.jit
 def _if_fwd_pool_kernel(
     x_ptr,  # [T, N] input current, neuron stride 1, time stride x_time_stride; N = planes·H·W·inner
@@ -53,7 +53,7 @@ def _if_fwd_pool_kernel(
     scale_ptr,  # [] compute dtype: factor of every pooled value (a pointer: no recompile per value)
     pooled_ptr,  # [T, planes, OH, OW, inner] contiguous out, x's dtype
     v_final_ptr,  # [N] out: membrane after step T−1, compute dtype
-    step_counts_ptr,  # [T] int64, zero-filled: each program adds its spike count per step
+    step_partials_ptr,  # [T, P] int32, zero-filled: program p writes its spike count of step t at [t, p]
     neuron_counts_ptr,  # [N] int32 out: spikes per neuron over all T steps (if COUNT_NEURONS)
     T,  # number of time steps
     H,  # plane height
@@ -64,6 +64,7 @@ def _if_fwd_pool_kernel(
     QH,  # quad rows per plane, ⌈H/2⌉
     QW,  # quad columns per plane, ⌈W/2⌉
     num_quads,  # planes · QH · QW · inner
+    P,  # columns of step_partials: at least the number of programs
     pooled_step,  # planes · OH · OW · inner: elements between pooled[t] and pooled[t+1]
     x_time_stride,  # elements between x[t] and x[t+1]: N, or 0 for an expanded constant input
     size_class,  # autotune key only (see _autotune.size_class); unused by the kernel
@@ -120,7 +121,8 @@ def _if_fwd_pool_kernel(
 
     x_ptrs = x_ptr + n00
     time_offset = tl.cast(0, tl.int64)
-    for t in range(T):
+    partial_ptr = step_partials_ptr + tl.program_id(0)
+    for _t in range(T):
         s00, v00 = _fire(v00, x_ptrs, time_offset, m00, th00, compute_dtype, HARD_RESET, V_RESET)
         s01, v01 = _fire(v01, x_ptrs + right, time_offset, m01, th01, compute_dtype, HARD_RESET, V_RESET)
         s10, v10 = _fire(v10, x_ptrs + below, time_offset, m10, th10, compute_dtype, HARD_RESET, V_RESET)
@@ -132,10 +134,10 @@ def _if_fwd_pool_kernel(
         k = s00 + s01 + s10 + s11
         pooled = k.to(compute_dtype) * inverse * scale
         tl.store(out_ptrs, _to_output(pooled, pooled_ptr.dtype.element_ty), mask=out_mask)
-        step_spike_count = tl.sum(k, axis=0).to(tl.int64)
-        tl.atomic_add(step_counts_ptr + t, step_spike_count, mask=step_spike_count != 0, sem="relaxed")
+        tl.store(partial_ptr, tl.sum(k, axis=0))  # no atomics: see _if_fwd_kernel
         time_offset += x_time_stride
         out_ptrs += pooled_step
+        partial_ptr += P
 
     tl.store(v_final_ptr + n00, v00, mask=m00)
     tl.store(v_final_ptr + n00 + right, v01, mask=m01)
@@ -185,8 +187,8 @@ def if_fwd_pool2x2(
     QH, QW = (H + 1) // 2, (W + 1) // 2
     OH, OW = (QH, QW) if ceil_mode else (H // 2, W // 2)
     num_quads = planes * QH * QW * inner
-    step_counts.zero_()  # the kernel accumulates into it with atomics
-    scale_t = torch.tensor(scale, dtype=v_final.dtype, device=x.device)
+    partials = step_partials(T, triton.cdiv(num_quads, min_block()), x.device)
+    scale_t = torch.full((), scale, dtype=v_final.dtype, device=x.device)  # a queued fill: no host sync
     _if_fwd_pool_kernel[_grid(num_quads)](
         x,
         v_th,
@@ -194,8 +196,8 @@ def if_fwd_pool2x2(
         scale_t,
         pooled,
         v_final,
-        step_counts,
-        neuron_counts if neuron_counts is not None else step_counts,  # placeholder, never written
+        partials,
+        neuron_counts if neuron_counts is not None else partials,  # placeholder, never written
         T,
         H,
         W,
@@ -205,6 +207,7 @@ def if_fwd_pool2x2(
         QH,
         QW,
         num_quads,
+        partials.shape[1],
         planes * OH * OW * inner,
         x.stride(0),
         size_class(num_quads),
@@ -214,3 +217,4 @@ def if_fwd_pool2x2(
         V_RESET=float(v_reset) if hard_reset else 0.0,
         COUNT_NEURONS=neuron_counts is not None,
     )
+    sum_step_partials(partials, step_counts)

@@ -326,3 +326,20 @@ def test_robustnorm_calibration_does_not_depend_on_the_global_generator():
         snn = rnl_fast.convert(net, "robustnorm", calibration=batches)
         thresholds.append([layer.threshold for layer in snn.neuron_layers.values()])
     assert thresholds[0] == thresholds[1]
+
+
+@pytest.mark.parametrize(
+    "device, free, budget",
+    [
+        ("cpu", 64 * 2**30, 128 * 2**20),  # CPU: at most 128 MiB whatever the memory
+        ("cpu", 256 * 2**20, 32 * 2**20),  # an eighth of what is free
+        ("cpu", 2**20, 16 * 2**20),  # never under 16 MiB
+        ("cuda", 139 * 2**30, 2 * 2**30),  # a GPU: up to 2 GiB (fewer chunks, fewer host launches)
+        ("cuda", 8 * 2**30, 2**29),  # a sixteenth of what is free on a GPU
+    ],
+)
+def test_chunk_budget_by_device_and_free_memory(monkeypatch, device, free, budget):
+    from rnl_fast.simulation import memory
+
+    monkeypatch.setattr(memory, "available_memory", lambda _device: free)
+    assert memory.chunk_budget(torch.device(device)) == budget

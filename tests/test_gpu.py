@@ -190,3 +190,67 @@ def test_rate_norm_channel_wise_matches_reference(layout, levels):
     raw_p = torch.tensor(1.2, device="cuda", requires_grad=True)
     running_max = torch.rand(32, device="cuda") + 1.0
     _assert_rate_norm_matches_reference(x, raw_p, running_max, (0.1, True, True, levels), grad_atol=1e-4)
+
+
+@pytest.mark.parametrize("pool", [False, True], ids=["if", "if-pool"])
+def test_step_counts_summed_over_many_programs(pool):
+    """Each program stores its spike count per step and the wrapper sums them: with thousands of
+    programs, a column left from a smaller autotuning block or a missed program would show here."""
+    torch.manual_seed(3)
+    x = torch.randn(8, 64, 128, 32, 32, device="cuda") * 0.8 + 0.3  # 8M neurons: 32k programs of 256
+    if pool:
+        fast = ops.if_sequence_pool2x2(x, 0.9, scale=1.0)
+        ref = IFResult(*reference.if_sequence_pool2x2(x, torch.full(x.shape[1:], 0.9, device="cuda"), scale=1.0))
+    else:
+        fast = ops.if_sequence(x, v_th=0.9)
+        ref = IFResult(*reference.if_sequence(x, v_th=0.9))
+    assert torch.equal(fast.spikes, ref.spikes)
+    assert torch.equal(fast.step_counts, ref.step_counts)
+    assert fast.step_counts.sum() > 0
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels-last"])
+def test_rate_norm_channel_wise_at_100m_elements(layout):
+    """[256, 128, 56, 56]: the size at which the first GPU run's channel-wise max failed to launch."""
+    torch.manual_seed(4)
+    x = torch.randn(256, 128, 56, 56, device="cuda") * 1.5 + 0.3
+    x = x.contiguous(memory_format=torch.channels_last) if layout == "channels-last" else x
+    raw_p = torch.tensor(1.2, device="cuda")
+    running_max = torch.rand(128, device="cuda") + 1.0
+    fast = ops.rate_norm(x, raw_p, running_max, 0.1, True, True)
+    ref = RateNormResult(*reference.rate_norm(x, raw_p, running_max, 0.1, True, True))
+    assert torch.equal(fast.running_max, ref.running_max)
+    torch.testing.assert_close(fast.r, ref.r, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(fast.sum_r, ref.sum_r, rtol=1e-5, atol=0)
+
+
+def test_ops_and_modules_never_synchronise_the_host():
+    """A call queues its kernels and returns: no value is read back, no pageable copy waits for
+    the queue (a Python float threshold once became a host→device copy that drained it each call)."""
+    x = (torch.randn(16, 8, 32, 10, 10, device="cuda") * 0.8 + 0.3).requires_grad_()
+    v_th = torch.rand(32, 1, 1, device="cuda") + 0.5
+    xr = (torch.randn(8, 32, 10, 10, device="cuda") * 1.5).requires_grad_()
+    raw_p = torch.tensor(1.2, device="cuda", requires_grad=True)
+    layer = rnl_fast.RateNorm(num_channels=32, channel_wise=True).cuda()
+    neurons = rnl_fast.IFSequence(v_threshold=v_th)
+    calls = {
+        "if float": lambda: ops.if_sequence(x, v_th=0.8, v_init=0.1).spikes,
+        "if tensor": lambda: ops.if_sequence(x, v_th=v_th, v_reset=0.0).spikes,
+        "if pool": lambda: ops.if_sequence_pool2x2(x, v_th, scale=0.5).spikes,
+        "IFSequence": lambda: neurons(x),
+        "rate norm": lambda: ops.rate_norm(xr, raw_p, torch.tensor(2.0, device="cuda"), 0.1, True).r,
+        "RateNorm cw": lambda: layer(xr),
+        "qcfs": lambda: ops.qcfs(xr, raw_p, 8),
+    }
+    for name, call in calls.items():
+        call()  # first call: autotuning and compilation may synchronise
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = call()
+            inputs = [t for t in (x, xr, raw_p) if t.requires_grad]
+            torch.autograd.grad(out.sum(), inputs, allow_unused=True)
+        except RuntimeError as error:
+            raise AssertionError(f"{name}: {error}") from error
+        finally:
+            torch.cuda.set_sync_debug_mode("default")

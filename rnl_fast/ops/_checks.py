@@ -65,8 +65,10 @@ def check_number(
 
 def _check_positive_finite(name: str, t: Tensor) -> None:
     """Positive, normal, finite values in ``t``'s dtype (the compute dtype: ``t`` is already cast);
-    skipped while torch.compile traces the graph."""
-    if torch.compiler.is_compiling():
+    CPU tensors only: reading a GPU tensor's values would synchronise the host with the device on
+    every call (as Rate Norm's raw_p and running max, they are not read there). Skipped while
+    torch.compile traces the graph."""
+    if torch.compiler.is_compiling() or t.device.type != "cpu":
         return
     tiny, largest = _RANGE[t.dtype]
     bad = ~((t >= tiny) & (t <= largest))
@@ -103,7 +105,9 @@ def neuron_param(name: str, value: Tensor | float, x: Tensor, positive: bool) ->
         return value.expand(neuron_shape).contiguous()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__} {value!r}")
-    return torch.tensor(check_number(name, value, positive, cdt), dtype=cdt, device=x.device)
+    # torch.full, not torch.tensor: on a GPU, torch.tensor copies from pageable host memory, which
+    # waits for the device's queue to drain on every call; a fill kernel is queued like the rest.
+    return torch.full((), check_number(name, value, positive, cdt), dtype=cdt, device=x.device)
 
 
 def check_if_input(x: object) -> Tensor:

@@ -179,7 +179,8 @@ def if_sequence(
     Args:
         x: ``[T, *]`` input current, float32/float64/float16/bfloat16, any strides; an input
             expanded over time (stride 0 in T, constant coding) is read once per neuron.
-        v_th: threshold, positive float or tensor broadcastable to ``x.shape[1:]`` (per channel).
+        v_th: threshold, positive float or tensor broadcastable to ``x.shape[1:]`` (per channel);
+            a CPU tensor's values are checked (positive, finite), a GPU tensor's are not read (no host sync).
         v_init: initial membrane, float or tensor broadcastable to ``x.shape[1:]``; gradients
             flow into a tensor ``v_init``, so chunked calls backpropagate through time exactly.
             A float must be finite; a tensor is not value-checked, since it is usually the

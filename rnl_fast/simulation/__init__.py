@@ -8,12 +8,20 @@
   :func:`reuse_freed_memory`.
 """
 
-from .memory import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, available_memory, chunk_budget, reuse_freed_memory
+from .memory import (
+    MAX_CHUNK_BYTES,
+    MAX_CHUNK_BYTES_GPU,
+    MIN_CHUNK_BYTES,
+    available_memory,
+    chunk_budget,
+    reuse_freed_memory,
+)
 from .metrics import SimulationResult, ann_rates, mean_omega, simulate
 from .network import AvgPool2x2, SpikingNetwork, SpikingNeurons
 
 __all__ = [
     "MAX_CHUNK_BYTES",
+    "MAX_CHUNK_BYTES_GPU",
     "MIN_CHUNK_BYTES",
     "AvgPool2x2",
     "SimulationResult",
