@@ -2,10 +2,11 @@
 
     python bench/gpu_bench.py [--log-dir DIR] [--budget-s SECONDS]
     python bench/gpu_bench.py --cpu-dry-run     # the same code paths on CPU at tiny sizes
+    python bench/gpu_bench.py --only 'if-|e2e-vgg16'   # the groups whose name matches a regex
 
 Runs the cases of ``benchlib`` (the ones ``pytest bench/`` runs), timed by
 ``triton.testing.do_bench`` (CUDA events; a host clock with ``--cpu-dry-run``):
-IF at T = 32 and 16M neurons, Rate Norm at [128, 32, 28, 28] (plain, channel-wise, quantized,
+IF at T = 32 and 16M neurons, Rate Norm at [256, 64, 56, 56] (plain, channel-wise, quantized,
 both) and QCFS (L = 8) on the same x, ours beside x.clone(), the eager reference, SpikingJelly 2.0's Triton backend and
 torch.compile of the reference; then end to end (cnn7 and vgg16 converted and simulated at batch
 128, T = 16, 64, 256, beside one ANN forward and SpikingJelly's ann2snn conversion stepped T
@@ -25,6 +26,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import re
 import signal
 import sys
 import time
@@ -59,14 +61,19 @@ def _release(device: str) -> None:
 
 
 def run_cases(
-    device: str, cases: benchlib.CaseBuilder, budget_s: float, results: benchlib.Results, log: list[str]
+    device: str,
+    cases: benchlib.CaseBuilder,
+    budget_s: float,
+    results: benchlib.Results,
+    log: list[str],
+    groups: tuple[benchlib.Group, ...] = benchlib.GROUPS,
 ) -> None:
-    """Measures every case into ``results`` (in place: a SIGTERM keeps what was measured)."""
+    """Measures every case of ``groups`` into ``results`` (in place: a SIGTERM keeps what was measured)."""
     deadline = time.monotonic() + budget_s
     timer = benchlib.device_timer(device)
     # Compile cases last: each costs tens of seconds of compilation before its first figure.
-    order = [(g, i) for g in benchlib.GROUPS for i in g.impls if i != "compile"]
-    order += [(g, "compile") for g in benchlib.GROUPS if "compile" in g.impls]
+    order = [(g, i) for g in groups for i in g.impls if i != "compile"]
+    order += [(g, "compile") for g in groups if "compile" in g.impls]
     for group, impl in order:
         label = f"{group.name} [{device}] {impl}"
         if impl != "ours" and time.monotonic() > deadline:
@@ -122,7 +129,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-dry-run", action="store_true", help="run the same code on CPU at tiny sizes")
     parser.add_argument("--log-dir", type=Path, help="where gpu_bench.md and gpu_bench.json go")
     parser.add_argument("--budget-s", type=float, default=180.0, help="no baseline starts after this many seconds")
+    parser.add_argument("--only", metavar="REGEX", help="run only the groups whose name matches (re.search)")
     args = parser.parse_args(argv)
+    groups = benchlib.GROUPS
+    if args.only is not None:
+        try:
+            pattern = re.compile(args.only)
+        except re.error as error:
+            parser.error(f"--only: not a regular expression: {error}")
+        groups = tuple(group for group in groups if pattern.search(group.name))
+        if not groups:
+            parser.error(f"--only {args.only!r} matches no group; groups: {', '.join(g.name for g in benchlib.GROUPS)}")
 
     device = "cpu" if args.cpu_dry_run else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -144,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{results.copy_gbps[device]:.1f} GB/s",
             flush=True,
         )
-        run_cases(device, cases, args.budget_s, results, log)
-        profile = profile_lines(device, cases, log)
+        run_cases(device, cases, args.budget_s, results, log, groups)
+        if any(group.name == benchlib.E2E_PROFILE_GROUP for group in groups):
+            profile = profile_lines(device, cases, log)
     except _Stop:
         print("stopped by SIGTERM (time limit): reporting what was measured", flush=True)
 

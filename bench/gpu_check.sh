@@ -10,6 +10,7 @@
 # /tmp/rnl_fast_site, and only those the interpreter lacks. Logs go to $OUT when it is set, else
 # to /tmp/rnl_fast_gpu_check. The whole run stays within RNL_GPU_CHECK_BUDGET_S (default 340 s):
 # each step gets what is left, and the benchmarks print their table even when cut short.
+# RNL_GPU_BENCH_ONLY=REGEX benchmarks only the groups whose name matches.
 # Exit status: 0 when every step passed, 1 when one failed, 2 when the machine cannot run it.
 set -euo pipefail
 
@@ -146,7 +147,7 @@ if ((limit < 20)); then
     FAILED+=("tests (no time left)")
 else
     status=0
-    run_logged 40 tests.log "$limit" "$PY" -m pytest -m gpu tests/ -q -p no:cacheprovider || status=$?
+    run_logged 40 tests.log "$limit" "$PY" -m pytest -m gpu tests/ -q -rs -p no:cacheprovider || status=$?
     case $status in
         0) ;;
         5) echo "  (no test carries the gpu mark)" ;;
@@ -167,6 +168,9 @@ if ((limit < 40)); then
 fi
 say "benchmarks: bench/gpu_bench.py (limit ${limit} s)"
 bench_args=(--log-dir "$LOG_DIR" --budget-s "$((limit - 60 > 30 ? limit - 60 : 30))")
+if [[ -n ${RNL_GPU_BENCH_ONLY:-} ]]; then  # a regex of group names (gpu_bench.py --only)
+    bench_args+=(--only "$RNL_GPU_BENCH_ONLY")
+fi
 if [[ $DRY_RUN == 1 ]]; then
     bench_args+=(--cpu-dry-run)
 fi

@@ -24,7 +24,7 @@ import os
 from .cases import CaseBuilder
 from .e2e import E2E_PROFILE_GROUP
 from .env import environment_lines, thp_status
-from .groups import GROUPS, GROUPS_BY_NAME, Unavailable, bench_scale, case_params, copy_bytes_for
+from .groups import GROUPS, GROUPS_BY_NAME, SCALES, Unavailable, bench_scale, case_params, copy_bytes_for
 from .measure import (
     Measurement,
     Results,
@@ -50,6 +50,7 @@ __all__ = [
     "E2E_PROFILE_GROUP",
     "GROUPS",
     "GROUPS_BY_NAME",
+    "SCALES",
     "CaseBuilder",
     "Measurement",
     "Results",
