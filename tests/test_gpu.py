@@ -231,14 +231,15 @@ def test_ops_and_modules_never_synchronise_the_host():
     v_th = torch.rand(32, 1, 1, device="cuda") + 0.5
     xr = (torch.randn(8, 32, 10, 10, device="cuda") * 1.5).requires_grad_()
     raw_p = torch.tensor(1.2, device="cuda", requires_grad=True)
+    running_max = torch.tensor(2.0, device="cuda")  # made here: torch.tensor(..., device) itself waits
     layer = rnl_fast.RateNorm(num_channels=32, channel_wise=True).cuda()
     neurons = rnl_fast.IFSequence(v_threshold=v_th)
     calls = {
         "if float": lambda: ops.if_sequence(x, v_th=0.8, v_init=0.1).spikes,
         "if tensor": lambda: ops.if_sequence(x, v_th=v_th, v_reset=0.0).spikes,
-        "if pool": lambda: ops.if_sequence_pool2x2(x, v_th, scale=0.5).spikes,
+        "if pool": lambda: ops.if_sequence_pool2x2(x.detach(), v_th, scale=0.5).spikes,  # inference only
         "IFSequence": lambda: neurons(x),
-        "rate norm": lambda: ops.rate_norm(xr, raw_p, torch.tensor(2.0, device="cuda"), 0.1, True).r,
+        "rate norm": lambda: ops.rate_norm(xr, raw_p, running_max, 0.1, True).r,
         "RateNorm cw": lambda: layer(xr),
         "qcfs": lambda: ops.qcfs(xr, raw_p, 8),
     }
@@ -248,8 +249,8 @@ def test_ops_and_modules_never_synchronise_the_host():
         torch.cuda.set_sync_debug_mode("error")
         try:
             out = call()
-            inputs = [t for t in (x, xr, raw_p) if t.requires_grad]
-            torch.autograd.grad(out.sum(), inputs, allow_unused=True)
+            if out.requires_grad:
+                torch.autograd.grad(out.sum(), [x, xr, raw_p], allow_unused=True)
         except RuntimeError as error:
             raise AssertionError(f"{name}: {error}") from error
         finally:
