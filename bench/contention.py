@@ -74,12 +74,17 @@ def usable_cores() -> int:
 
 
 def cgroup_quota() -> str:
-    """The cgroup v2 CPU quota ("max" when unlimited), or "unknown"."""
+    """The cgroup CPU quota of the machine's root group ("none" when unlimited; v2, else v1), or "unknown"."""
+    root = Path("/sys/fs/cgroup")
     try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        quota, period = (root / "cpu.max").read_text().split()
     except (OSError, ValueError):
-        return "unknown"
-    return "max" if quota == "max" else f"{int(quota) / int(period):.2f} cores"
+        try:
+            quota = (root / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (root / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return "unknown"
+    return "none" if quota in ("max", "-1") else f"{int(quota) / int(period):.2f} cores"
 
 
 def openmp_runtimes() -> list[str]:

@@ -40,17 +40,26 @@ __attribute__((noinline)) Acc backward_chunk(const In* __restrict grad_y, const 
   return part;
 }
 
+// y[begin, end) = λ·clamp(floor(x/λ·L + ½)/L, 0, 1); a loop of its own, like backward_chunk.
+template <typename In, typename Acc>
+__attribute__((noinline)) void forward_range(const In* __restrict x, int64_t begin, int64_t end, Acc lambda,
+                                             Acc levels, In* __restrict y) {
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) {
+    bool inside;
+    Acc u;
+    store(y + i, qcfs_rate(load<Acc>(x + i), lambda, levels, inside, u) * lambda);
+  }
+}
+
 }  // namespace
 
 template <typename In, typename Acc>
 void qcfs_forward(const In* x, int64_t M, double threshold, int levels, In* y, int num_threads) {
   const Acc lambda = checked_lambda<Acc>(threshold), L = Acc(levels);
-#pragma omp parallel for simd num_threads(num_threads) if (M >= kParallelMinWork) schedule(static)
-  for (int64_t i = 0; i < M; ++i) {
-    bool inside;
-    Acc u;
-    store(y + i, qcfs_rate(load<Acc>(x + i), lambda, L, inside, u) * lambda);
-  }
+  for_each_range(M, num_threads, [&](int64_t begin, int64_t end, int) {
+    forward_range(x, begin, end, lambda, L, y);
+  });
 }
 
 template <typename In, typename Acc>

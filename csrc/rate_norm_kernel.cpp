@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <array>
+#include <vector>
 
 #include "chunked_sums.h"
 #include "rate_norm_lines.h"
@@ -14,16 +15,26 @@
 namespace rnl_fast {
 namespace {
 
-// max(relu(x)) over all M elements, NaN elements skipped.
+// max(relu(x)) over x[begin, end), NaN elements skipped; a loop of its own (chunked_sums.h).
 template <typename In>
-float relu_max(const In* x, int64_t M, int num_threads) {
+__attribute__((noinline)) float relu_max_range(const In* __restrict x, int64_t begin, int64_t end) {
   float best = 0.0f;  // relu: the max is never below 0
-#pragma omp parallel for simd num_threads(num_threads) if (M >= kParallelMinWork) reduction(max : best) schedule(static)
-  for (int64_t i = 0; i < M; ++i) {
+#pragma omp simd reduction(max : best)
+  for (int64_t i = begin; i < end; ++i) {
     const float v = load<float>(x + i);
     best = v > best ? v : best;  // false for NaN: NaN is skipped
   }
   return best;
+}
+
+// max(relu(x)) over all M elements, NaN elements skipped.
+template <typename In>
+float relu_max(const In* x, int64_t M, int num_threads) {
+  std::vector<float> best(std::max(num_threads, 1), 0.0f);
+  for_each_range(M, num_threads, [&](int64_t begin, int64_t end, int thread) {
+    best[thread] = relu_max_range(x, begin, end);
+  });
+  return *std::max_element(best.begin(), best.end());
 }
 
 struct RateSums {

@@ -208,3 +208,21 @@ def test_overflowing_backward_gives_the_references_inf_and_nan(backend, v_reset,
     assert torch.equal(torch.isneginf(xk.grad), torch.isneginf(xr.grad))
     finite = torch.isfinite(xr.grad)
     torch.testing.assert_close(xk.grad[finite], xr.grad[finite], rtol=1e-5, atol=0)
+
+
+# The C++ passes run on one thread below 2**18 elements and split over threads from there on
+# (numeric.h's kParallelMinWork): both sides of the line, the running max's element and a NaN in
+# the last thread's range (QCFS's forward once ran 35x slower just below the line, a scalar loop).
+@pytest.mark.parametrize("elements", [2**18 - 64, 2**18 + 64], ids=["one-thread", "threads"])
+def test_rate_norm_and_qcfs_on_both_sides_of_the_parallel_line(backend, elements):
+    g = torch.Generator().manual_seed(elements)
+    x = torch.randn(elements, generator=g) * 1.5 + 0.3
+    x[-7] = 9.5  # the batch max, in the last thread's range
+    x[-3] = NAN  # skipped by the max
+    raw_p, running_max = torch.tensor(0.4), torch.tensor(2.0)
+    fast = ops.rate_norm(x, raw_p, running_max, 0.5, True)
+    ref = reference.rate_norm(x, raw_p, running_max, 0.5, True)
+    assert fast.running_max.item() == ref[1].item() == 0.5 * 2.0 + 0.5 * 9.5
+    assert torch.equal(fast.r[:-3], ref[0][:-3]) and fast.r[-3].isnan()
+    xq = torch.nan_to_num(x)
+    assert torch.equal(ops.qcfs(xq, torch.tensor(1.3), 8), reference.qcfs(xq, torch.tensor(1.3), 8))
