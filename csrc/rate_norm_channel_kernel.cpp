@@ -119,20 +119,20 @@ RateNormSums forward_pass(const In* x, const Walk& w, const Acc* theta, Acc leve
 }
 
 // One row of C elements, one per channel (offset o·C); adds each channel's dL/dθ to chunk[c].
-template <bool HAS_GRAD_R, bool QUANT, typename In, typename Acc>
+template <bool HAS_GRAD_R, bool SUM_R2, bool QUANT, typename In, typename Acc>
 __attribute__((noinline)) void backward_row(const In* __restrict grad_r, Acc grad_sum_r, Acc grad_sum_r2,
                                             const In* __restrict x, int64_t offset, int64_t C,
                                             const Acc* __restrict theta, Acc levels, In* __restrict grad_x,
                                             double* __restrict chunk) {
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
-    chunk[c] += backward_element<HAS_GRAD_R, QUANT>(grad_r, grad_sum_r, grad_sum_r2, x, offset + c, theta[c], levels,
-                                                    grad_x);
+    chunk[c] += backward_element<HAS_GRAD_R, SUM_R2, QUANT>(grad_r, grad_sum_r, grad_sum_r2, x, offset + c, theta[c],
+                                                            levels, grad_x);
   }
 }
 
 // Writes grad_x [M] and grad_theta [C] (dL/dθ_c, summed in double across chunks).
-template <bool HAS_GRAD_R, bool QUANT, typename In, typename Acc>
+template <bool HAS_GRAD_R, bool SUM_R2, bool QUANT, typename In, typename Acc>
 void backward_pass(const In* __restrict grad_r, Acc grad_sum_r, Acc grad_sum_r2, const In* __restrict x,
                    const Walk& w, const Acc* theta, Acc levels, In* __restrict grad_x, double* grad_theta,
                    int num_threads) {
@@ -147,14 +147,14 @@ void backward_pass(const In* __restrict grad_r, Acc grad_sum_r, Acc grad_sum_r2,
       if (w.by_rows()) {
         std::fill(chunk.begin(), chunk.end(), 0.0);
         for (int64_t o = w.first_row(item); o < w.last_row(item); ++o) {
-          backward_row<HAS_GRAD_R, QUANT>(grad_r, grad_sum_r, grad_sum_r2, x, o * C, C, theta, levels, grad_x,
+          backward_row<HAS_GRAD_R, SUM_R2, QUANT>(grad_r, grad_sum_r, grad_sum_r2, x, o * C, C, theta, levels, grad_x,
                                           chunk.data());
         }
         for (int64_t c = 0; c < C; ++c) mine[c] += chunk[c];
       } else {
         const Line line = w.line(item);
-        mine[line.channel] += backward_line<HAS_GRAD_R, QUANT>(grad_r, grad_sum_r, grad_sum_r2, x, line.begin, line.end,
-                                                               theta[line.channel], levels, grad_x);
+        mine[line.channel] += backward_line<HAS_GRAD_R, SUM_R2, QUANT>(
+            grad_r, grad_sum_r, grad_sum_r2, x, line.begin, line.end, theta[line.channel], levels, grad_x);
       }
     }
 #pragma omp critical
@@ -202,17 +202,10 @@ Acc rate_norm_channel_backward(const In* grad_r, Acc grad_sum_r, Acc grad_sum_r2
   const Acc p = channel_thresholds<Acc>(raw_p, running_max, C, theta_eps, theta.data());
   std::vector<double> grad_theta(C);
   const Acc L = Acc(levels);
-  const auto run = [&](auto has_grad_r, auto quant) {
-    backward_pass<decltype(has_grad_r)::value, decltype(quant)::value>(
+  with_backward_variant(grad_r != nullptr, grad_sum_r2 != Acc(0), levels > 0, [&](auto g, auto s, auto q) {
+    backward_pass<decltype(g)::value, decltype(s)::value, decltype(q)::value>(
         grad_r, grad_sum_r, grad_sum_r2, x, walk, theta.data(), L, grad_x, grad_theta.data(), num_threads);
-  };
-  using Yes = std::true_type;
-  using No = std::false_type;
-  if (levels > 0) {
-    grad_r ? run(Yes{}, Yes{}) : run(No{}, Yes{});
-  } else {
-    grad_r ? run(Yes{}, No{}) : run(No{}, No{});
-  }
+  });
   // dL/dp = Σ_c dL/dθ_c · running_max_c (θ_c = p·running_max_c + eps; the running max gets none).
   double grad_p = 0.0;
   for (int64_t c = 0; c < C; ++c) grad_p += grad_theta[c] * static_cast<double>(running_max[c]);

@@ -52,12 +52,12 @@ RateSums forward_pass(const In* x, int64_t M, Acc theta, Acc levels, In* r, int 
 }
 
 // Writes grad_x [M] and returns dL/dθ, accumulated in double (rate_norm_lines.h).
-template <bool HAS_GRAD_R, bool QUANT, typename In, typename Acc>
+template <bool HAS_GRAD_R, bool SUM_R2, bool QUANT, typename In, typename Acc>
 double backward_pass(const In* grad_r, Acc grad_sum_r, Acc grad_sum_r2, const In* x, int64_t M, Acc theta,
                      Acc levels, In* grad_x, int num_threads) {
   return chunked_sums<1>(M, num_threads, [&](int64_t begin, int64_t end) {
-    return std::array<double, 1>{backward_line<HAS_GRAD_R, QUANT>(grad_r, grad_sum_r, grad_sum_r2, x, begin, end, theta,
-                                                               levels, grad_x)};
+    return std::array<double, 1>{backward_line<HAS_GRAD_R, SUM_R2, QUANT>(grad_r, grad_sum_r, grad_sum_r2, x, begin,
+                                                                         end, theta, levels, grad_x)};
   })[0];
 }
 
@@ -78,14 +78,11 @@ Acc rate_norm_backward(const In* grad_r, Acc grad_sum_r, Acc grad_sum_r2, const 
                        float running_max, double theta_eps, int levels, In* grad_x, int num_threads) {
   const auto threshold = checked_threshold<Acc>(raw_p, running_max, theta_eps);
   const Acc theta = threshold.theta, L = Acc(levels);
-  double grad_theta;
-  if (levels > 0) {
-    grad_theta = grad_r ? backward_pass<true, true>(grad_r, grad_sum_r, grad_sum_r2, x, M, theta, L, grad_x, num_threads)
-                        : backward_pass<false, true>(grad_r, grad_sum_r, grad_sum_r2, x, M, theta, L, grad_x, num_threads);
-  } else {
-    grad_theta = grad_r ? backward_pass<true, false>(grad_r, grad_sum_r, grad_sum_r2, x, M, theta, L, grad_x, num_threads)
-                        : backward_pass<false, false>(grad_r, grad_sum_r, grad_sum_r2, x, M, theta, L, grad_x, num_threads);
-  }
+  double grad_theta = 0;
+  with_backward_variant(grad_r != nullptr, grad_sum_r2 != Acc(0), levels > 0, [&](auto g, auto s, auto q) {
+    grad_theta = backward_pass<decltype(g)::value, decltype(s)::value, decltype(q)::value>(
+        grad_r, grad_sum_r, grad_sum_r2, x, M, theta, L, grad_x, num_threads);
+  });
   return grad_raw_p(grad_theta, running_max, threshold.p);
 }
 
