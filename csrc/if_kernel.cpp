@@ -2,6 +2,7 @@
 // block-local array (L1), the neuron index innermost so that the compiler vectorises it.
 // (Neuron-outer / time-inner would stride N elements per step: ~10× slower on a 2-core build machine.)
 #include "if_kernel.h"
+#include "exp_nonpositive.h"
 #include "if_steps.h"
 
 #include <omp.h>
@@ -38,7 +39,7 @@ inline Acc surrogate_grad(Acc u, Surrogate surrogate, Acc width) {
   }
   if (surrogate == Surrogate::kSigmoid) {
     // (1/w)·S(u/w)·(1 − S(u/w)) as (1/w)·e/(1 + e)², e = exp(−|u/w|) ≤ 1 (reference.py).
-    const Acc e = std::exp(-std::abs(u / width));
+    const Acc e = detail::exp_nonpositive(-std::abs(u / width));
     return (Acc(1) / width) * e / ((Acc(1) + e) * (Acc(1) + e));
   }
   return std::abs(u) < Acc(0.5) * width ? Acc(1) / width : Acc(0);
