@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 import triton
 
 
@@ -23,9 +24,13 @@ def block_configs() -> list[triton.Config]:
     ]
 
 
-def min_block() -> int:
-    """The smallest BLOCK of :func:`block_configs`: buffers with a row per program are sized by it."""
-    return min(config.kwargs["BLOCK"] for config in block_configs())
+def program_partials(items: int, columns: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zero-filled ``[programs, columns]``: a row for every program that the smallest BLOCK of
+    :func:`block_configs` would launch over ``items``. Autotuning picks BLOCK at launch, after this
+    buffer exists (zeroing it before each trial: ``reset_to_zero``), and the rows of programs that
+    do not exist must add nothing to the caller's sum over them."""
+    smallest = min(config.kwargs["BLOCK"] for config in block_configs())
+    return torch.zeros((max(triton.cdiv(items, smallest), 1), columns), dtype=dtype, device=device)
 
 
 def size_class(n: int) -> int:

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._autotune import block_configs, min_block, size_class
+from ._autotune import block_configs, program_partials, size_class
 
 _PI = tl.constexpr(math.pi)
 
@@ -101,11 +101,10 @@ def _if_fwd_kernel(
     v_init_ptr,  # [N] or [] initial membrane, compute dtype
     spikes_ptr,  # [T, N] contiguous out: 0/1 in any float dtype or uint8 (bool viewed as uint8)
     v_final_ptr,  # [N] out: membrane after step T−1; its dtype is the compute dtype
-    step_partials_ptr,  # [T, P] int32, zero-filled: program p writes its spike count of step t at [t, p]
+    step_partials_ptr,  # [programs, T] int32, zero-filled: program p writes its spike count of step t at [p, t]
     neuron_counts_ptr,  # [N] int32 out: spikes per neuron over all T steps (if COUNT_NEURONS)
     T,  # number of time steps
     N,  # number of neurons
-    P,  # columns of step_partials: at least the number of programs
     x_time_stride,  # elements between x[t] and x[t+1]: N, or 0 for an expanded constant input
     size_class,  # autotune key only (see _autotune.size_class); unused by the kernel
     V_TH_PER_NEURON: tl.constexpr,  # v_th has N elements (else one for all neurons)
@@ -128,7 +127,7 @@ def _if_fwd_kernel(
     # int32 for T·N ≥ 2³¹; pointer arithmetic is 64-bit.
     x_ptrs = x_ptr + neurons
     spike_ptrs = spikes_ptr + neurons
-    partial_ptr = step_partials_ptr + tl.program_id(0)
+    partial_ptr = step_partials_ptr + tl.program_id(0).to(tl.int64) * T
     for _t in range(T):
         x_t = tl.load(x_ptrs, mask=in_range, other=0.0).to(compute_dtype)
         _, fired, v = _if_step(v, x_t, v_th, HARD_RESET, V_RESET)
@@ -142,7 +141,7 @@ def _if_fwd_kernel(
         tl.store(partial_ptr, tl.sum(fired.to(tl.int32), axis=0))
         x_ptrs += x_time_stride
         spike_ptrs += N
-        partial_ptr += P
+        partial_ptr += 1
 
     tl.store(v_final_ptr + neurons, v, mask=in_range)
     if COUNT_NEURONS:
@@ -244,16 +243,9 @@ def _grid(N: int) -> Callable[[dict], tuple[int]]:
     return grid
 
 
-def step_partials(T: int, programs_at_most: int, device: torch.device) -> torch.Tensor:
-    """Zero-filled ``[T, P]`` int32 per-program spike counts, P wide enough for the smallest
-    autotuned block: the autotuner picks BLOCK at launch (zeroing it before each trial), and the
-    columns of programs that do not exist must add nothing to the sum."""
-    return torch.zeros((T, max(programs_at_most, 1)), dtype=torch.int32, device=device)
-
-
 def sum_step_partials(partials: torch.Tensor, step_counts: torch.Tensor) -> None:
-    """``step_counts [T]`` int64 ← the per-step sums of :func:`step_partials`' columns."""
-    torch.sum(partials, dim=1, dtype=torch.int64, out=step_counts)
+    """``step_counts [T]`` int64 ← the spike counts of every program (``partials [programs, T]``) summed."""
+    torch.sum(partials, dim=0, dtype=torch.int64, out=step_counts)
 
 
 def _spike_storage(spikes: torch.Tensor) -> torch.Tensor:
@@ -287,7 +279,7 @@ def if_fwd(
         neuron_counts: ``[N]`` int32 out, spikes per neuron summed over steps; None: not counted.
     """
     T, N = x.shape
-    partials = step_partials(T, triton.cdiv(N, min_block()), x.device)
+    partials = program_partials(N, T, torch.int32, x.device)
 
     _if_fwd_kernel[_grid(N)](
         x,
@@ -299,7 +291,6 @@ def if_fwd(
         neuron_counts if neuron_counts is not None else partials,  # placeholder, never written
         T,
         N,
-        partials.shape[1],
         x.stride(0),
         size_class(N),
         V_TH_PER_NEURON=v_th.numel() != 1,

@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._autotune import block_configs, min_block, size_class
-from .if_kernels import _if_step, _load_neuron_state, step_partials, sum_step_partials
+from ._autotune import block_configs, program_partials, size_class
+from .if_kernels import _if_step, _load_neuron_state, sum_step_partials
 
 
 @triton.jit
@@ -53,7 +53,7 @@ def _if_fwd_pool_kernel(
     scale_ptr,  # [] compute dtype: factor of every pooled value (a pointer: no recompile per value)
     pooled_ptr,  # [T, planes, OH, OW, inner] contiguous out, x's dtype
     v_final_ptr,  # [N] out: membrane after step T−1, compute dtype
-    step_partials_ptr,  # [T, P] int32, zero-filled: program p writes its spike count of step t at [t, p]
+    step_partials_ptr,  # [programs, T] int32, zero-filled: program p writes its spike count of step t at [p, t]
     neuron_counts_ptr,  # [N] int32 out: spikes per neuron over all T steps (if COUNT_NEURONS)
     T,  # number of time steps
     H,  # plane height
@@ -64,7 +64,6 @@ def _if_fwd_pool_kernel(
     QH,  # quad rows per plane, ⌈H/2⌉
     QW,  # quad columns per plane, ⌈W/2⌉
     num_quads,  # planes · QH · QW · inner
-    P,  # columns of step_partials: at least the number of programs
     pooled_step,  # planes · OH · OW · inner: elements between pooled[t] and pooled[t+1]
     x_time_stride,  # elements between x[t] and x[t+1]: N, or 0 for an expanded constant input
     size_class,  # autotune key only (see _autotune.size_class); unused by the kernel
@@ -121,7 +120,7 @@ def _if_fwd_pool_kernel(
 
     x_ptrs = x_ptr + n00
     time_offset = tl.cast(0, tl.int64)
-    partial_ptr = step_partials_ptr + tl.program_id(0)
+    partial_ptr = step_partials_ptr + tl.program_id(0).to(tl.int64) * T
     for _t in range(T):
         s00, v00 = _fire(v00, x_ptrs, time_offset, m00, th00, compute_dtype, HARD_RESET, V_RESET)
         s01, v01 = _fire(v01, x_ptrs + right, time_offset, m01, th01, compute_dtype, HARD_RESET, V_RESET)
@@ -137,7 +136,7 @@ def _if_fwd_pool_kernel(
         tl.store(partial_ptr, tl.sum(k, axis=0))  # no atomics: see _if_fwd_kernel
         time_offset += x_time_stride
         out_ptrs += pooled_step
-        partial_ptr += P
+        partial_ptr += 1
 
     tl.store(v_final_ptr + n00, v00, mask=m00)
     tl.store(v_final_ptr + n00 + right, v01, mask=m01)
@@ -187,7 +186,7 @@ def if_fwd_pool2x2(
     QH, QW = (H + 1) // 2, (W + 1) // 2
     OH, OW = (QH, QW) if ceil_mode else (H // 2, W // 2)
     num_quads = planes * QH * QW * inner
-    partials = step_partials(T, triton.cdiv(num_quads, min_block()), x.device)
+    partials = program_partials(num_quads, T, torch.int32, x.device)
     scale_t = torch.full((), scale, dtype=v_final.dtype, device=x.device)  # a queued fill: no host sync
     _if_fwd_pool_kernel[_grid(num_quads)](
         x,
@@ -207,7 +206,6 @@ def if_fwd_pool2x2(
         QH,
         QW,
         num_quads,
-        partials.shape[1],
         planes * OH * OW * inner,
         x.stride(0),
         size_class(num_quads),

@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._autotune import block_configs, size_class
-from .rate_norm_kernels import _div_ieee, _grid, _partials
+from ._autotune import block_configs, program_partials, size_class
+from .rate_norm_kernels import _div_ieee, _grid
 
 _CONFIGS = block_configs()
 
@@ -155,7 +155,7 @@ def qcfs_bwd(
         grad_threshold: ``[]`` out, compute dtype: dL/dλ summed over all elements.
     """
     M = x.numel()
-    partials = _partials(M, 1, threshold.dtype, x.device)
+    partials = program_partials(M, 1, threshold.dtype, x.device)
     _qcfs_bwd_kernel[_grid(M)](
         grad_y,
         x,

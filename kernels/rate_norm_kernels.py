@@ -24,11 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._autotune import block_configs, size_class
+from ._autotune import block_configs, program_partials, size_class
 
 _CONFIGS = block_configs()
-#: The partial-sum buffers have a row for every program of the smallest block in _CONFIGS.
-_MIN_BLOCK = min(config.kwargs["BLOCK"] for config in _CONFIGS)
 
 
 @triton.jit
@@ -253,12 +251,6 @@ def _rate_norm_bwd_kernel(
         tl.store(partials_ptr + program, grad_theta * running_max.to(compute_dtype) * p * (1.0 - p))
 
 
-def _partials(M: int, columns: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Zero-filled rows for every program of the smallest block: autotuning picks BLOCK at launch,
-    after this buffer exists, and rows of programs that do not exist must add nothing."""
-    return torch.zeros((max(triton.cdiv(M, _MIN_BLOCK), 1), columns), dtype=dtype, device=device)
-
-
 def _grid(M: int) -> Callable[[dict], tuple[int]]:
     """At least one program even for M = 0, so that the scalar outputs are always written."""
 
@@ -322,7 +314,7 @@ def rate_norm_fwd(
         _rate_norm_max_kernel[_grid(M)](x, batch_max, M, size_class(M))
     else:
         batch_max = running_max  # placeholder pointer, never read
-    partials = _partials(M, 2, sums.dtype, x.device)
+    partials = program_partials(M, 2, sums.dtype, x.device)
     _rate_norm_fwd_kernel[_grid(M)](
         x,
         raw_p,
@@ -372,7 +364,7 @@ def rate_norm_bwd(
         channels, inner, levels: as in :func:`rate_norm_fwd`.
     """
     M = x.numel()
-    partials = _partials(M, 1, grad_sums.dtype, x.device)
+    partials = program_partials(M, 1, grad_sums.dtype, x.device)
     _rate_norm_bwd_kernel[_grid(M)](
         grad_r if grad_r is not None else x,  # placeholder pointer, never read
         grad_sums,

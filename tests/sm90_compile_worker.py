@@ -24,7 +24,7 @@ TARGET = GPUTarget("cuda", 90, 32)
 DTYPES = (("fp32", "fp32"), ("bf16", "fp32"), ("fp64", "fp64"))
 # Pointers whose dtype does not follow x: by name.
 FIXED_POINTERS = {
-    "step_counts_ptr": "i64",
+    "step_partials_ptr": "i32",
     "neuron_counts_ptr": "i32",
     "batch_max_ptr": "fp32",
     "running_max_ptr": "fp32",
