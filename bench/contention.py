@@ -68,42 +68,10 @@ class Row:
         return self.baseline_ms / self.ours_ms
 
 
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity mask)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def cgroup_quota() -> str:
-    """The cgroup CPU quota of the machine's root group ("none" when unlimited; v2, else v1), or "unknown"."""
-    root = Path("/sys/fs/cgroup")
-    try:
-        quota, period = (root / "cpu.max").read_text().split()
-    except (OSError, ValueError):
-        try:
-            quota = (root / "cpu" / "cpu.cfs_quota_us").read_text().strip()
-            period = (root / "cpu" / "cpu.cfs_period_us").read_text().strip()
-        except OSError:
-            return "unknown"
-    return "none" if quota in ("max", "-1") else f"{int(quota) / int(period):.2f} cores"
-
-
-def openmp_runtimes() -> list[str]:
-    """The OpenMP runtime libraries mapped into this process (two would mean two thread pools)."""
-    try:
-        maps = Path("/proc/self/maps").read_text().splitlines()
-    except OSError:
-        return ["unknown"]
-    names = {line.split()[-1] for line in maps if line.split() and "omp" in Path(line.split()[-1]).name}
-    return sorted(names)
-
-
 def environment() -> list[str]:
     return [
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {usable_cores()} usable "
-        f"(affinity), cgroup quota {cgroup_quota()}, load average {os.getloadavg()[0]:.2f} at start",
-        f"torch {torch.__version__}: {torch.get_num_threads()} threads; OMP_NUM_THREADS="
-        f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}",
-        f"OpenMP runtimes loaded: {', '.join(openmp_runtimes()) or 'none'}",
+        f"machine: {platform.processor() or platform.machine()}, load average {os.getloadavg()[0]:.2f} at start",
+        f"torch {torch.__version__}: {benchlib.threading_line()}",
     ]
 
 
@@ -162,7 +130,7 @@ def measure(loads: list[str], scales: list[str], groups: list[str], seconds: flo
                 print(f"  skip {group} {scale}: {baseline} unavailable ({reason})", flush=True)
     rows = []
     for load in loads:
-        busy = usable_cores() if load == "all" else int(load)
+        busy = benchlib.usable_cores() if load == "all" else int(load)
         with BackgroundLoad(busy, seconds * len(cases) * 3 + 60, kind):
             for (group, scale), (ours, base) in cases.items():
                 ours_s, base_s, calls = alternate(ours.run, base.run, seconds)

@@ -23,7 +23,7 @@ import os
 
 from .cases import CaseBuilder
 from .e2e import E2E_PROFILE_GROUP
-from .env import environment_lines, thp_status
+from .env import environment_lines, thp_status, threading_line, usable_cores
 from .groups import GROUPS, GROUPS_BY_NAME, SCALES, Unavailable, bench_scale, case_params, copy_bytes_for
 from .measure import (
     Measurement,
@@ -71,4 +71,6 @@ __all__ = [
     "summary_table",
     "synced",
     "thp_status",
+    "threading_line",
+    "usable_cores",
 ]

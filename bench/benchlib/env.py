@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+from pathlib import Path
 
 import torch
 
@@ -53,6 +54,46 @@ def _dist_version(name: str) -> str:
         return "unknown"
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def cgroup_quota() -> str:
+    """The cgroup CPU quota of the machine's root group ("none" when unlimited; v2, else v1), or "unknown"."""
+    root = Path("/sys/fs/cgroup")
+    try:
+        quota, period = (root / "cpu.max").read_text().split()
+    except (OSError, ValueError):
+        try:
+            quota = (root / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (root / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return "unknown"
+    return "none" if quota in ("max", "-1") else f"{int(quota) / int(period):.2f} cores"
+
+
+def openmp_runtimes() -> list[str]:
+    """The OpenMP runtime libraries mapped into this process (two would mean two thread pools)."""
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return ["unknown"]
+    names = {line.split()[-1] for line in maps if line.split() and "omp" in Path(line.split()[-1]).name}
+    return sorted(names)
+
+
+def threading_line() -> str:
+    """Threads against the cores this process may use, the cgroup quota, the OpenMP runtimes and
+    settings: what decides how ours and the baselines share the cores (bench/contention.py)."""
+    runtimes = ", ".join(openmp_runtimes()) or "none"
+    return (
+        f"{torch.get_num_threads()} threads, {usable_cores()} of {os.cpu_count()} cores usable (affinity), "
+        f"cgroup quota {cgroup_quota()}, OpenMP runtimes loaded: {runtimes}; OMP_NUM_THREADS="
+        f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
+    )
+
+
 def environment_lines(scale: str) -> list[str]:
     """What the figures depend on: versions, threads, devices, THP, sizes."""
     try:
@@ -70,5 +111,6 @@ def environment_lines(scale: str) -> list[str]:
         *(e2e_sizes_text(device, scale) for device in ("cpu", "cuda")),
         f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, CUDA device: {cuda}, "
         f"spikingjelly {sj} (CUDA implementation: {os.environ.get('SJ_IF_CUDA_IMPLEMENTATION')})",
+        threading_line(),
         thp_status(),
     ]
