@@ -47,6 +47,9 @@ def if_variants(elements: int, dtype: torch.dtype) -> dict[str, Callable[[], obj
         "fwd hard": lambda: ops.if_sequence(x, v_reset=0.0, count_neurons=False),
         "fwd counts": lambda: ops.if_sequence(x),
         "fwd uint8": lambda: ops.if_sequence(x, spike_dtype=torch.uint8, count_neurons=False),
+        # The fused IF + 2x2 pooling runs the same step loop into a scratch (planes of 8 x 8).
+        "fwd pool2x2 soft": lambda: ops.if_sequence_pool2x2(x.view(T, -1, 8, 8), count_neurons=False),
+        "fwd pool2x2 hard": lambda: ops.if_sequence_pool2x2(x.view(T, -1, 8, 8), v_reset=0.0, count_neurons=False),
     }
     xg = x.clone().requires_grad_()
     for surrogate in SURROGATES:
@@ -95,7 +98,8 @@ def qcfs_variants(elements: int, dtype: torch.dtype) -> dict[str, Callable[[], o
 
 def kind(name: str) -> str:
     """The work a variant does, without its options: what its speed is compared with."""
-    for work in ("fwd+bwd (r*w).sum()", "fwd+bwd Ω only", "fwd+bwd both", "fwd+bwd", "fwd eval", "fwd train"):
+    works = ("fwd+bwd (r*w).sum()", "fwd+bwd Ω only", "fwd+bwd both", "fwd+bwd", "fwd eval", "fwd train", "fwd pool2x2")
+    for work in works:
         if work in name:
             return work
     return "fwd"

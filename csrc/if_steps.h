@@ -32,12 +32,16 @@ inline void load_block_state(NeuronParam<Acc> v_th, NeuronParam<Acc> v_init, int
 // count stay in registers for U steps: one pass over the block-local arrays per U steps instead
 // of per step. (Measured on one core of an EPYC, T = 32 × 1M fp32: 17.5 ms with U = 1, 10.8 ms
 // with U = 8; a memcpy of the same bytes 6.6 ms.) HARD is a template argument so that the inner
-// loop carries no branch on the reset kind. Adds each step's spike total to step_counts[u].
+// loop carries no branch on the reset kind. Adds each step's spike total to step_counts[u], summed
+// in the same loop as an array reduction, which GCC vectorises (a second pass over the U rows just
+// written cost 12 % of the forward into a warm output: T = 32 × 2M fp32, 2 threads, 20.0 → 17.6 ms).
 template <int U, bool HARD, typename In, typename Out, typename Acc>
 inline void forward_steps(const In* __restrict xt, int64_t x_stride, Out* __restrict st, int64_t s_stride,
                           int64_t n, const Acc* __restrict th, Acc v_reset, Acc* __restrict v,
                           int32_t* __restrict count, int64_t* step_counts) {
-#pragma omp simd
+  static_assert(U <= 8, "eight step totals at most");
+  int32_t c0 = 0, c1 = 0, c2 = 0, c3 = 0, c4 = 0, c5 = 0, c6 = 0, c7 = 0;
+#pragma omp simd reduction(+ : c0, c1, c2, c3, c4, c5, c6, c7)
   for (int64_t j = 0; j < n; ++j) {
     Acc vj = v[j];
     const Acc thj = th[j];
@@ -53,19 +57,13 @@ inline void forward_steps(const In* __restrict xt, int64_t x_stride, Out* __rest
       }
       st[u * s_stride + j] = spike_value<Out>(fired);
       cj += fired;
+      (u == 0 ? c0 : u == 1 ? c1 : u == 2 ? c2 : u == 3 ? c3 : u == 4 ? c4 : u == 5 ? c5 : u == 6 ? c6 : c7) += fired;
     }
     v[j] = vj;
     count[j] = cj;
   }
-  // Per-step totals from the rows just written (still in cache): U separate reductions inside
-  // the loop above keep GCC from vectorising it (measured: 140 ms instead of 11 ms).
-  for (int u = 0; u < U; ++u) {
-    const Out* __restrict row = st + u * s_stride;
-    int32_t fired_now = 0;
-#pragma omp simd reduction(+ : fired_now)
-    for (int64_t j = 0; j < n; ++j) fired_now += is_spike(row[j]);
-    step_counts[u] += fired_now;
-  }
+  const int32_t fired_now[8] = {c0, c1, c2, c3, c4, c5, c6, c7};
+  for (int u = 0; u < U; ++u) step_counts[u] += fired_now[u];
 }
 
 }  // namespace detail

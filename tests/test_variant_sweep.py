@@ -15,8 +15,8 @@ def test_every_variant_runs_and_is_reported(capsys, monkeypatch):
     monkeypatch.setattr(variant_sweep, "median_ns", lambda run, elements, budget_s=0.3: (run(), 1.0)[1])
     assert variant_sweep.main(["--sizes", "1024"]) == 0
     out = capsys.readouterr().out
-    assert sum(line.startswith("  ") for line in out.splitlines()) == 16 + 20 + 2  # IF, Rate Norm, QCFS
-    assert "fwd+bwd sigmoid hard detach" in out and "cw q8 fwd+bwd both" in out
+    assert sum(line.startswith("  ") for line in out.splitlines()) == 18 + 20 + 2  # IF, Rate Norm, QCFS
+    assert "fwd+bwd sigmoid hard detach" in out and "fwd pool2x2 hard" in out and "cw q8 fwd+bwd both" in out
 
 
 def test_sizes_must_be_multiples_of_1024(capsys):
