@@ -3,7 +3,8 @@
 ``y = λ·clamp(floor(x/λ·L + ½)/L, 0, 1)`` and its straight-through gradients, each op rounded as
 ``rnl_fast.reference.qcfs`` rounds it on the tensor's device (the launches disable FMA). λ is read
 through a pointer, never on the host. The gradient of λ, a sum over all elements, goes through one
-partial sum per program and a torch sum, not float atomics: the same result from run to run.
+partial sum per program and a torch sum, not float atomics: the same result from run to run. As
+Rate Norm's, the kernels launch with one fixed config (:func:`._autotune.fixed_block`).
 
 Division by L follows PyTorch on the device of the tensors: on CUDA, ``tensor / L`` (L a Python
 int) is a product with 1/L, taken in double and rounded to the compute dtype; on CPU (these kernels
@@ -16,10 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._autotune import block_configs, program_partials, size_class
-from .rate_norm_kernels import _div_ieee, _grid
-
-_CONFIGS = block_configs()
+from ._autotune import fixed_block, fixed_programs
+from .rate_norm_kernels import _div_ieee
 
 
 @triton.jit
@@ -66,14 +65,12 @@ def _qcfs_rate(
     return rate, (q >= 0) & (q <= 1), u
 
 
-@triton.autotune(configs=_CONFIGS, key=["size_class"])
 @triton.jit
 def _qcfs_fwd_kernel(
     x_ptr,  # [M] contiguous input, any float dtype
     threshold_ptr,  # [] λ in the compute dtype
     y_ptr,  # [M] out, x's dtype
     M,  # number of elements
-    size_class,  # autotune key only (see _autotune.size_class); unused by the kernel
     LEVELS: tl.constexpr,  # L > 0
     BY_RECIPROCAL: tl.constexpr,  # see _over_levels
     BLOCK: tl.constexpr,  # elements per program
@@ -86,16 +83,14 @@ def _qcfs_fwd_kernel(
     tl.store(y_ptr + offsets, _to_storage(rate * lam, y_ptr.dtype.element_ty), mask=in_range)
 
 
-@triton.autotune(configs=_CONFIGS, key=["size_class"], reset_to_zero=["partials_ptr"])
 @triton.jit
 def _qcfs_bwd_kernel(
     grad_y_ptr,  # [M] gradient of y, x's dtype
     x_ptr,  # [M] contiguous input, any float dtype
     threshold_ptr,  # [] λ in the compute dtype
     grad_x_ptr,  # [M] out, x's dtype
-    partials_ptr,  # [programs, 1] zero-filled, compute dtype: dL/dλ of each program's block
+    partials_ptr,  # [programs] compute dtype: dL/dλ of each program's block
     M,  # number of elements
-    size_class,  # autotune key only (see _autotune.size_class); unused by the kernel
     LEVELS: tl.constexpr,  # L > 0
     BY_RECIPROCAL: tl.constexpr,  # see _over_levels
     BLOCK: tl.constexpr,  # elements per program
@@ -126,15 +121,15 @@ def qcfs_fwd(x: torch.Tensor, threshold: torch.Tensor, y: torch.Tensor, levels: 
         levels: L > 0.
     """
     M = x.numel()
-    _qcfs_fwd_kernel[_grid(M)](
+    _qcfs_fwd_kernel[(fixed_programs(M),)](
         x,
         threshold,
         y,
         M,
-        size_class(M),
         LEVELS=int(levels),
         BY_RECIPROCAL=x.device.type == "cuda",
         enable_fp_fusion=False,  # no FMA: x/λ·L + ½ rounds twice, as the reference's separate ops
+        **fixed_block(),
     )
 
 
@@ -155,17 +150,18 @@ def qcfs_bwd(
         grad_threshold: ``[]`` out, compute dtype: dL/dλ summed over all elements.
     """
     M = x.numel()
-    partials = program_partials(M, 1, threshold.dtype, x.device)
-    _qcfs_bwd_kernel[_grid(M)](
+    programs = fixed_programs(M)
+    partials = torch.empty(programs, dtype=threshold.dtype, device=x.device)  # every program writes its own
+    _qcfs_bwd_kernel[(programs,)](
         grad_y,
         x,
         threshold,
         grad_x,
         partials,
         M,
-        size_class(M),
         LEVELS=int(levels),
         BY_RECIPROCAL=x.device.type == "cuda",
         enable_fp_fusion=False,  # the same rate as the forward kernel, and autograd's products
+        **fixed_block(),
     )
-    grad_threshold.copy_(partials.sum())
+    torch.sum(partials, dim=0, out=grad_threshold)

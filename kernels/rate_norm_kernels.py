@@ -10,23 +10,21 @@ Channel-wise (``CHANNEL_WISE``): one running max and θ_c per channel, element i
 Quantized (``LEVELS = L > 0``): the rate becomes ``floor(r̂·L + ½)/L`` with QCFS's gradient
 (``rnl_fast.reference.quantized_rate``).
 
-Reductions (the sums, the gradient of θ) go through one row of partial results per program and a
-torch sum, not float atomics: the result is then the same from run to run.
+Reductions (the sums, the gradient of θ) go through one partial result per program and a torch
+sum, not float atomics: the result is then the same from run to run. The kernels launch with one
+fixed config (:func:`._autotune.fixed_block`), not through the autotuner: their calls are bound by
+the host's time, not the device's.
 Python scalars (``momentum``, ``eps``) are constexprs, rounded to the compute dtype as PyTorch rounds
 a Python scalar (a runtime float argument would be float32 even in float64 kernels).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import triton
 import triton.language as tl
 
-from ._autotune import block_configs, program_partials, size_class
-
-_CONFIGS = block_configs()
+from ._autotune import fixed_block, fixed_programs
 
 
 @triton.jit
@@ -96,13 +94,11 @@ def _rate_and_grad(
         return rate, (x >= 0) & (x <= theta), rate
 
 
-@triton.autotune(configs=_CONFIGS, key=["size_class"], reset_to_zero=["batch_max_ptr"])
 @triton.jit
 def _rate_norm_max_kernel(
     x_ptr,  # [M] contiguous input, any float dtype
     batch_max_ptr,  # [1] float32, zero-filled: max over all x of relu(x), NaN counted as 0
     M,  # number of elements
-    size_class,  # autotune key only (see _autotune.size_class); unused by the kernel
     BLOCK: tl.constexpr,  # elements per program
 ):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -137,7 +133,6 @@ def _rate_norm_channel_max_kernel(
         tl.atomic_max(batch_max_ptr + rows % C, tl.max(x, axis=1), mask=rows < R, sem="relaxed")
 
 
-@triton.autotune(configs=_CONFIGS, key=["size_class"], reset_to_zero=["partials_ptr"])
 @triton.jit
 def _rate_norm_fwd_kernel(
     x_ptr,  # [M] contiguous input, any float dtype
@@ -146,11 +141,10 @@ def _rate_norm_fwd_kernel(
     batch_max_ptr,  # [1] float32 batch max from _rate_norm_max_kernel, if TRAINING
     r_ptr,  # [M] out: rates r̂ in x's dtype
     running_max_out_ptr,  # [] float32 out: the running max used for θ
-    partials_ptr,  # [programs, 2] zero-filled, compute dtype: (Σr̂, Σr̂²) of each program's block
+    partials_ptr,  # [2, programs] compute dtype: Σr̂ (row 0) and Σr̂² (row 1) of each program's block
     M,  # number of elements
     C,  # channels (CHANNEL_WISE; else 1)
     inner,  # elements of one channel next to each other in memory (CHANNEL_WISE)
-    size_class,  # autotune key only (see _autotune.size_class); unused by the kernel
     TRAINING: tl.constexpr,  # update the running max with the batch max before using it
     KEEP: tl.constexpr,  # 1 − momentum, computed in Python double precision like the reference
     MOMENTUM: tl.constexpr,  # weight of the batch max in the running max update
@@ -191,25 +185,26 @@ def _rate_norm_fwd_kernel(
         r = _quantize(r, LEVELS)
     tl.store(r_ptr + offsets, r.to(r_ptr.dtype.element_ty), mask=in_range)
     # Out-of-range lanes loaded x = 0, hence r = 0: they add nothing to the sums.
-    tl.store(partials_ptr + program * 2, tl.sum(r, axis=0))
-    tl.store(partials_ptr + program * 2 + 1, tl.sum(r * r, axis=0))
+    tl.store(partials_ptr + program, tl.sum(r, axis=0))
+    tl.store(partials_ptr + tl.num_programs(0) + program, tl.sum(r * r, axis=0))
 
 
-@triton.autotune(configs=_CONFIGS, key=["size_class"], reset_to_zero=["partials_ptr"])
 @triton.jit
 def _rate_norm_bwd_kernel(
     grad_r_ptr,  # [M] gradient of r̂ (x's dtype), if HAS_GRAD_R
-    grad_sums_ptr,  # [2] compute dtype: gradients of Σr̂ and Σr̂²
+    grad_sum_r_ptr,  # [] gradient of Σr̂, any float dtype, if HAS_GRAD_SUM_R (else 0)
+    grad_sum_r2_ptr,  # [] gradient of Σr̂², any float dtype, if HAS_GRAD_SUM_R2 (else 0)
     x_ptr,  # [M] contiguous input, any float dtype
     raw_p_ptr,  # [] logit of p, any float dtype
     running_max_ptr,  # [] float32 running max the forward pass used ([C] if CHANNEL_WISE)
     grad_x_ptr,  # [M] out, x's dtype
-    partials_ptr,  # [programs, 1] zero-filled, compute dtype: dL/draw_p of each program's block
+    partials_ptr,  # [programs] compute dtype: dL/draw_p of each program's block
     M,  # number of elements
     C,  # channels (CHANNEL_WISE; else 1)
     inner,  # elements of one channel next to each other in memory (CHANNEL_WISE)
-    size_class,  # autotune key only (see _autotune.size_class); unused by the kernel
     HAS_GRAD_R: tl.constexpr,  # else the gradient of r̂ is zero
+    HAS_GRAD_SUM_R: tl.constexpr,  # else the gradient of Σr̂ is zero
+    HAS_GRAD_SUM_R2: tl.constexpr,  # else the gradient of Σr̂² is zero
     EPS: tl.constexpr,  # added to θ in the forward pass
     CHANNEL_WISE: tl.constexpr,  # the running max is [C]
     LEVELS: tl.constexpr,  # 0, or L: quantized rates
@@ -231,8 +226,12 @@ def _rate_norm_bwd_kernel(
 
     # dL/dr̂ from r̂ itself and from the sums Σr̂, Σr̂²; the Σr̂² term only when its gradient is not 0,
     # as autograd adds nothing for an unused sum (0·r̂ is NaN where r̂ is, e.g. at x = θ = inf).
-    grad_sum_r2 = tl.load(grad_sums_ptr + 1)
-    grad = tl.load(grad_sums_ptr) + tl.where(grad_sum_r2 != 0, 2.0 * r * grad_sum_r2, 0.0)
+    grad = tl.zeros_like(r)
+    if HAS_GRAD_SUM_R:
+        grad += tl.load(grad_sum_r_ptr).to(compute_dtype)
+    if HAS_GRAD_SUM_R2:
+        grad_sum_r2 = tl.load(grad_sum_r2_ptr).to(compute_dtype)
+        grad += tl.where(grad_sum_r2 != 0, 2.0 * r * grad_sum_r2, 0.0)
     if HAS_GRAD_R:
         grad += tl.load(grad_r_ptr + offsets, mask=in_range, other=0.0).to(compute_dtype)
     # Inside the clip range (inclusive, as torch.clamp's backward) r̂ = x/θ; outside it is 0 or
@@ -249,15 +248,6 @@ def _rate_norm_bwd_kernel(
     else:
         grad_theta = tl.sum(tl.where(inside, -grad * u / theta, tl.where(u != u, u, 0.0)), axis=0)
         tl.store(partials_ptr + program, grad_theta * running_max.to(compute_dtype) * p * (1.0 - p))
-
-
-def _grid(M: int) -> Callable[[dict], tuple[int]]:
-    """At least one program even for M = 0, so that the scalar outputs are always written."""
-
-    def grid(meta: dict) -> tuple[int]:
-        return (max(triton.cdiv(M, meta["BLOCK"]), 1),)
-
-    return grid
 
 
 def _channel_max(x: torch.Tensor, batch_max: torch.Tensor, channels: int, inner: int) -> None:
@@ -282,7 +272,8 @@ def rate_norm_fwd(
     eps: float,
     r: torch.Tensor,
     running_max_out: torch.Tensor,
-    sums: torch.Tensor,
+    sum_r: torch.Tensor,
+    sum_r2: torch.Tensor,
     channels: int = 1,
     inner: int | None = None,
     levels: int = 0,
@@ -298,24 +289,25 @@ def rate_norm_fwd(
         eps: added to θ (``rnl_fast.numerics.THETA_EPS``).
         r: ``[M]`` out, ``x.dtype``: ``clamp(x, 0, θ) / θ``.
         running_max_out: ``[]`` float32 out: the running max used for θ.
-        sums: ``[2]`` out, compute dtype (float32, float64 for float64 ``x``): Σr̂, Σr̂² of the
-            compute-dtype rates, before rounding to ``x.dtype``.
+        sum_r, sum_r2: ``[]`` out, compute dtype (float32, float64 for float64 ``x``): Σr̂, Σr̂² of
+            the compute-dtype rates, before rounding to ``x.dtype``.
         channels, inner: ``inner`` given: channel-wise, element i of ``x`` (memory order) in
             channel ``(i // inner) % channels``, ``running_max`` and ``running_max_out`` ``[channels]``.
         levels: 0, or L > 0: rates quantized to ``floor(r̂·L + ½)/L``.
     """
     M = x.numel()
     channel_wise = inner is not None
+    config, programs = fixed_block(), fixed_programs(M)
     if training and channel_wise:
         batch_max = torch.zeros(channels, dtype=torch.float32, device=x.device)
         _channel_max(x, batch_max, channels, inner)
     elif training:
         batch_max = torch.zeros(1, dtype=torch.float32, device=x.device)
-        _rate_norm_max_kernel[_grid(M)](x, batch_max, M, size_class(M))
+        _rate_norm_max_kernel[(programs,)](x, batch_max, M, **config)
     else:
         batch_max = running_max  # placeholder pointer, never read
-    partials = program_partials(M, 2, sums.dtype, x.device)
-    _rate_norm_fwd_kernel[_grid(M)](
+    partials = torch.empty((2, programs), dtype=sum_r.dtype, device=x.device)  # every program writes its column
+    _rate_norm_fwd_kernel[(programs,)](
         x,
         raw_p,
         running_max,
@@ -326,7 +318,6 @@ def rate_norm_fwd(
         M,
         channels,
         inner or M,
-        size_class(M),
         TRAINING=training,
         KEEP=1.0 - momentum,
         MOMENTUM=float(momentum),
@@ -334,13 +325,16 @@ def rate_norm_fwd(
         CHANNEL_WISE=channel_wise,
         LEVELS=int(levels),
         enable_fp_fusion=False,  # no FMA: running max and θ round as the reference's separate ops do
+        **config,
     )
-    torch.sum(partials, dim=0, out=sums)
+    torch.sum(partials[0], dim=0, out=sum_r)
+    torch.sum(partials[1], dim=0, out=sum_r2)
 
 
 def rate_norm_bwd(
     grad_r: torch.Tensor | None,
-    grad_sums: torch.Tensor,
+    grad_sum_r: torch.Tensor | None,
+    grad_sum_r2: torch.Tensor | None,
     x: torch.Tensor,
     raw_p: torch.Tensor,
     running_max_used: torch.Tensor,
@@ -355,19 +349,22 @@ def rate_norm_bwd(
 
     Args:
         grad_r: ``[M]`` gradient of r̂ in ``x.dtype``, or None for zeros.
-        grad_sums: ``[2]`` compute dtype: gradients of Σr̂ and Σr̂².
+        grad_sum_r, grad_sum_r2: ``[]`` gradients of Σr̂ and Σr̂² (any float dtype, rounded to the
+            compute dtype), or None for zero.
         x, raw_p, eps: as in :func:`rate_norm_fwd`.
         running_max_used: ``[]`` float32 (``[channels]`` channel-wise), the ``running_max_out`` of
             the forward pass.
         grad_x: ``[M]`` out, ``x.dtype``.
-        grad_raw: ``[]`` out, ``raw_p.dtype``.
+        grad_raw: ``[]`` out, compute dtype (float32, float64 for float64 ``x``): dL/draw_p.
         channels, inner, levels: as in :func:`rate_norm_fwd`.
     """
     M = x.numel()
-    partials = program_partials(M, 1, grad_sums.dtype, x.device)
-    _rate_norm_bwd_kernel[_grid(M)](
-        grad_r if grad_r is not None else x,  # placeholder pointer, never read
-        grad_sums,
+    config, programs = fixed_block(), fixed_programs(M)
+    partials = torch.empty(programs, dtype=grad_raw.dtype, device=x.device)  # every program writes its own
+    _rate_norm_bwd_kernel[(programs,)](
+        grad_r if grad_r is not None else x,  # placeholder pointers, never read
+        grad_sum_r if grad_sum_r is not None else x,
+        grad_sum_r2 if grad_sum_r2 is not None else x,
         x,
         raw_p,
         running_max_used,
@@ -376,11 +373,13 @@ def rate_norm_bwd(
         M,
         channels,
         inner or M,
-        size_class(M),
         HAS_GRAD_R=grad_r is not None,
+        HAS_GRAD_SUM_R=grad_sum_r is not None,
+        HAS_GRAD_SUM_R2=grad_sum_r2 is not None,
         EPS=float(eps),
         CHANNEL_WISE=inner is not None,
         LEVELS=int(levels),
         enable_fp_fusion=False,  # the same θ and r̂ as the forward kernel
+        **config,
     )
-    grad_raw.copy_(partials.sum())
+    torch.sum(partials, dim=0, out=grad_raw)

@@ -121,7 +121,15 @@ KERNELS = {
     ),
     "rate_norm_bwd": (
         rate_norm_kernels._rate_norm_bwd_kernel,
-        dict(HAS_GRAD_R=(False, True), EPS=(1e-6,), CHANNEL_WISE=(False, True), LEVELS=(0, 8), BLOCK=(1024,)),
+        dict(
+            HAS_GRAD_R=(False, True),
+            HAS_GRAD_SUM_R=(True,),
+            HAS_GRAD_SUM_R2=(False, True),
+            EPS=(1e-6,),
+            CHANNEL_WISE=(False, True),
+            LEVELS=(0, 8),
+            BLOCK=(1024,),
+        ),
     ),
     "qcfs_fwd": (qcfs_kernels._qcfs_fwd_kernel, dict(LEVELS=(1, 255), BY_RECIPROCAL=(False, True), BLOCK=(1024,))),
     "qcfs_bwd": (qcfs_kernels._qcfs_bwd_kernel, dict(LEVELS=(1, 255), BY_RECIPROCAL=(False, True), BLOCK=(1024,))),

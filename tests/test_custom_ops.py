@@ -69,8 +69,11 @@ def test_opcheck_rate_norm(requires_grad, training):
 
 
 def test_opcheck_rate_norm_backward():
-    args = (torch.randn(4, 9), torch.randn(2), torch.randn(4, 9), torch.tensor(1.5), torch.tensor(1.2))
+    grad_sums = (torch.randn(()), torch.randn(()))
+    args = (torch.randn(4, 9), *grad_sums, torch.randn(4, 9), torch.tensor(1.5), torch.tensor(1.2))
     torch.library.opcheck(torch.ops.rnl_fast.rate_norm_backward.default, args)
+    no_sums = (torch.randn(4, 9), None, None, torch.randn(4, 9), torch.tensor(1.5), torch.tensor(1.2))
+    torch.library.opcheck(torch.ops.rnl_fast.rate_norm_backward.default, no_sums)
 
 
 def test_cpp_codes_are_found_by_name():
@@ -139,7 +142,8 @@ def test_opcheck_rate_norm_options(requires_grad, layout, channel_wise, levels):
     running_max = torch.rand(3) + 0.5 if channel_wise else torch.tensor(1.2)
     args = (x, raw_p, running_max, 0.1, True, channel_wise, levels)
     torch.library.opcheck(torch.ops.rnl_fast.rate_norm_forward.default, args)
-    grad_args = (torch.randn_like(x), torch.randn(2), x.detach(), raw_p.detach(), running_max, channel_wise, levels)
+    grad_sums = (torch.randn(()), torch.randn(()))
+    grad_args = (torch.randn_like(x), *grad_sums, x.detach(), raw_p.detach(), running_max, channel_wise, levels)
     torch.library.opcheck(torch.ops.rnl_fast.rate_norm_backward.default, grad_args)
 
 

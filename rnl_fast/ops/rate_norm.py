@@ -83,12 +83,12 @@ def _rate_norm_forward(
     r1 = flat_like(r, order)  # a view: r lies as x does
     running_max_out = torch.empty(running_max.shape, dtype=torch.float32, device=x.device)
     if backend_for(x) == "triton":
-        sums = torch.empty(2, dtype=cdt, device=x.device)
+        sum_r, sum_r2 = torch.empty((), dtype=cdt, device=x.device), torch.empty((), dtype=cdt, device=x.device)
         triton(x.device.type == "cpu").rate_norm_fwd(
-            x1, raw_p, running_max, momentum, training, THETA_EPS, r1, running_max_out, sums,
+            x1, raw_p, running_max, momentum, training, THETA_EPS, r1, running_max_out, sum_r, sum_r2,
             channels=channels, inner=inner, levels=levels,
         )  # fmt: skip
-        return r, running_max_out, sums[0].clone(), sums[1].clone()  # no aliased outputs
+        return r, running_max_out, sum_r, sum_r2
     # CPU tensors: reading the scalars on the host costs no device synchronisation.
     common = dict(
         **_cpp_input(x1, raw_p, running_max), momentum=momentum, training=training, levels=levels, r=r1.data_ptr()
@@ -123,7 +123,8 @@ def _(x, raw_p, running_max, momentum, training, channel_wise=False, levels=0):
 @custom_op("rnl_fast::rate_norm_backward")
 def _rate_norm_backward(
     grad_r: Optional[Tensor],  # noqa: UP045
-    grad_sums: Tensor,
+    grad_sum_r: Optional[Tensor],  # noqa: UP045
+    grad_sum_r2: Optional[Tensor],  # noqa: UP045
     x: Tensor,
     raw_p: Tensor,
     running_max: Tensor,
@@ -137,18 +138,17 @@ def _rate_norm_backward(
     grad_x = torch.empty_like(x)
     grad_x1 = flat_like(grad_x, order)  # a view: grad_x lies as x does
     if backend_for(x) == "triton":
-        grad_raw = torch.empty((), dtype=raw_p.dtype, device=x.device)
+        grad_raw = torch.empty((), dtype=cdt, device=x.device)
         triton(x.device.type == "cpu").rate_norm_bwd(
-            g1, grad_sums.to(cdt).contiguous(), x1, raw_p, running_max, THETA_EPS, grad_x1, grad_raw,
+            g1, grad_sum_r, grad_sum_r2, x1, raw_p, running_max, THETA_EPS, grad_x1, grad_raw,
             channels=channels, inner=inner, levels=levels,
         )  # fmt: skip
-        return grad_x, grad_raw
-    grad_sum_r, grad_sum_r2 = grad_sums.tolist()
+        return grad_x, grad_raw.to(raw_p.dtype)
     common = dict(
         grad_r=0 if g1 is None else g1.data_ptr(),
         grad_r_len=0 if g1 is None else g1.numel(),
-        grad_sum_r=grad_sum_r,
-        grad_sum_r2=grad_sum_r2,
+        grad_sum_r=0.0 if grad_sum_r is None else grad_sum_r.to(cdt).item(),
+        grad_sum_r2=0.0 if grad_sum_r2 is None else grad_sum_r2.to(cdt).item(),
         **_cpp_input(x1, raw_p, running_max),
         levels=levels,
         grad_x=grad_x1.data_ptr(),
@@ -163,7 +163,7 @@ def _rate_norm_backward(
 
 
 @_rate_norm_backward.register_fake
-def _(grad_r, grad_sums, x, raw_p, running_max, channel_wise=False, levels=0):
+def _(grad_r, grad_sum_r, grad_sum_r2, x, raw_p, running_max, channel_wise=False, levels=0):
     return torch.empty_like(x), torch.empty_like(raw_p)
 
 
@@ -178,12 +178,9 @@ def _rate_norm_autograd_backward(ctx, grad_r, _grad_running_max, grad_sum_r, gra
     x, raw_p, running_max = ctx.saved_tensors
     if grad_r is None and grad_sum_r is None and grad_sum_r2 is None:
         return None, None, None, None, None, None, None
-    cdt = compute_dtype_of(x.dtype)
-    zero = torch.zeros((), dtype=cdt, device=x.device)
-    grad_sums = torch.stack(
-        [zero if grad_sum_r is None else grad_sum_r.to(cdt), zero if grad_sum_r2 is None else grad_sum_r2.to(cdt)]
+    grad_x, grad_raw = _rate_norm_backward(
+        grad_r, grad_sum_r, grad_sum_r2, x, raw_p, running_max, ctx.channel_wise, ctx.levels
     )
-    grad_x, grad_raw = _rate_norm_backward(grad_r, grad_sums, x, raw_p, running_max, ctx.channel_wise, ctx.levels)
     return grad_x, grad_raw.reshape(raw_p.shape), None, None, None, None, None
 
 
