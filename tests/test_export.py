@@ -1,7 +1,8 @@
 """Export for deployment: torch.export of a converted network (fresh, never run before) gives the
 simulation bit for bit, saves and loads, takes any batch size with a dynamic batch dim, and
 leaves the network's state alone; torch.onnx.export traces the pure-PyTorch reference, and
-onnxruntime runs the file with the simulation's outputs to rounding."""
+onnxruntime runs the file with the simulation's outputs (bit for bit on inputs and weights whose
+sums are exact in float32)."""
 
 from __future__ import annotations
 
@@ -98,15 +99,21 @@ def test_onnx_export_runs_in_onnxruntime_with_the_simulation_outputs(case, tmp_p
 
     name, method, shape, options = CASES[case]
     snn = _converted(name, method, shape, **options)
-    x = torch.rand(shape)
+    # onnxruntime sums a convolution in another order than torch (~1e-8 apart), and a membrane that
+    # close to its threshold then spikes in one and not the other (a whole weight / T in the output:
+    # seed 2995985617 drew one). Weights in 1/64ths and inputs in 1/8ths make every sum exact in
+    # float32 in any order, so both must give the same outputs bit for bit: only a wrong graph differs.
+    with torch.no_grad():
+        for parameter in snn.parameters():
+            parameter.copy_(torch.round(parameter * 64) / 64)
+    x = torch.randint(0, 9, shape).float() / 8
     path = tmp_path / "snn.onnx"
     torch.onnx.export(snn, (x,), path, kwargs={"T": T}, dynamo=True)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     expected = snn(x, T)
-    # onnxruntime's convolutions round differently (~1e-8 here); a flipped spike would move an
-    # output by a whole weight / T, orders of magnitude more.
-    torch.testing.assert_close(torch.from_numpy(out), expected, rtol=0, atol=1e-6)
+    assert sum(int(layer.neurons.step_spike_counts.sum()) for layer in snn.neuron_layers.values()) > 0
+    assert torch.equal(torch.from_numpy(out), expected)
     # The ops themselves are not in the file: it holds the reference's unrolled steps.
     assert "rnl_fast" not in {node.domain for node in onnx.load(path).graph.node}
 
