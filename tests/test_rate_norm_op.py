@@ -51,8 +51,8 @@ def test_dtypes(backend, dtype):
     torch.testing.assert_close(fast.sum_r, ref.sum_r, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_backward_matches_reference(backend, training):
+def _assert_gradients_match_reference(loss_of, training: bool = True) -> None:
+    """Gradients to x and raw_p of ``loss_of(r, sum_r, sum_r2, weight)``, ours against the reference."""
     x, raw_p, running_max = _inputs((9, 31))
     x.requires_grad_()
     raw_p.requires_grad_()
@@ -60,28 +60,29 @@ def test_backward_matches_reference(backend, training):
     grads = []
     for fn in (ops.rate_norm, reference.rate_norm):
         r, _, sum_r, sum_r2 = fn(x, raw_p, running_max, 0.2, training)
-        omega = sum_r / (sum_r2 + 1e-5)
-        grads.append(torch.autograd.grad((r * weight).sum() + 0.7 * omega + 0.01 * sum_r2, [x, raw_p]))
+        grads.append(torch.autograd.grad(loss_of(r, sum_r, sum_r2, weight), [x, raw_p]))
     for fast, ref in zip(*grads):
         torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_backward_matches_reference(backend, training):
+    def loss_of(r, sum_r, sum_r2, weight):
+        return (r * weight).sum() + 0.7 * (sum_r / (sum_r2 + 1e-5)) + 0.01 * sum_r2
+
+    _assert_gradients_match_reference(loss_of, training)
 
 
 @pytest.mark.parametrize("terms", ["r", "sum_r", "sum_r2", "r+sum_r", "r+sum_r2", "sum_r+sum_r2"])
 def test_backward_of_each_subset_of_the_outputs(backend, terms):
     """Autograd hands the backward op None for each output the loss leaves out (the kernels drop
     that term at compile time): every subset of r̂, Σr̂ and Σr̂² gives the reference's gradients."""
-    x, raw_p, running_max = _inputs((9, 31))
-    x.requires_grad_()
-    raw_p.requires_grad_()
-    weight = torch.randn(9, 31)
-    grads = []
-    for fn in (ops.rate_norm, reference.rate_norm):
-        r, _, sum_r, sum_r2 = fn(x, raw_p, running_max, 0.2, True)
+
+    def loss_of(r, sum_r, sum_r2, weight):
         parts = {"r": (r * weight).sum(), "sum_r": 0.3 * sum_r, "sum_r2": -0.02 * sum_r2}
-        loss = sum(parts[term] for term in terms.split("+"))
-        grads.append(torch.autograd.grad(loss, [x, raw_p]))
-    for fast, ref in zip(*grads):
-        torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+        return sum(parts[term] for term in terms.split("+"))
+
+    _assert_gradients_match_reference(loss_of)
 
 
 def test_gradcheck_fp64(backend):
