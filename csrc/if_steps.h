@@ -10,8 +10,14 @@ namespace rnl_fast {
 namespace detail {
 
 // Steps per pass of forward_steps (see there), and the largest block of neurons a forward task
-// keeps in block-local arrays (membrane, threshold and count: 48 KB, L1/L2).
-constexpr int kStepUnroll = 8;
+// keeps in block-local arrays (membrane, threshold and count: 48 KB, L1/L2). Four steps, not
+// eight: a pass reads U rows of x and writes U rows of spikes, 2·U streams of 16 KB each that the
+// hardware prefetchers must pick up before the walk moves on, and with eight GCC also ran out of
+// vector registers for the row pointers (spilled to xmm). C++ model of the forward, T = 32 × 2M
+// fp32, medians of interleaved runs: into a warm output 27.7 → 22.1 ms on 1 thread (memcpy 19.1),
+// 20.5 → 15.7 on 2 (plain copy 17.4); into fresh huge pages, 2 threads, 26.0–28.1 → 24.8–26.5
+// (plain copy 18.9–19.1); into fresh 4 KB pages no clear change (page faults dominate, ~60 ms).
+constexpr int kStepUnroll = 4;
 constexpr int64_t kForwardBlock = 4096;
 
 // A block's starting state: thresholds and initial membranes of neurons [j0, j0 + n), counts 0.
@@ -30,9 +36,9 @@ inline void load_block_state(NeuronParam<Acc> v_th, NeuronParam<Acc> v_init, int
 // rows of the spikes `s_stride` apart (N for the spike tensor, n for a block-local scratch).
 // The U steps are unrolled inside the neuron loop so that a neuron's membrane, threshold and
 // count stay in registers for U steps: one pass over the block-local arrays per U steps instead
-// of per step. (Measured on one core of an EPYC, T = 32 × 1M fp32: 17.5 ms with U = 1, 10.8 ms
-// with U = 8; a memcpy of the same bytes 6.6 ms.) HARD is a template argument so that the inner
-// loop carries no branch on the reset kind. Adds each step's spike total to step_counts[u], summed
+// of per step. (Measured on one core of an EPYC, T = 32 × 1M fp32, before the step totals joined
+// the loop: 17.5 ms with U = 1, 10.8 ms with U = 8; a memcpy of the same bytes 6.6 ms.) HARD is a
+// template argument so that the inner loop carries no branch on the reset kind. Adds each step's spike total to step_counts[u], summed
 // in the same loop in eight named reductions, which GCC vectorises (an array-section reduction
 // `fired[:U]` it left scalar, 8× slower). It replaced a second pass over the U rows just written:
 // one thread, T = 32 × 8192 fp32, 53–61 → 42–47 µs; × 65,536, 458–471 → 335–394 µs.
