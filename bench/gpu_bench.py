@@ -8,7 +8,8 @@ Runs the cases of ``benchlib`` (the ones ``pytest bench/`` runs), timed by
 ``triton.testing.do_bench`` (CUDA events; a host clock with ``--cpu-dry-run``):
 IF at T = 32 and 16M neurons, Rate Norm at [256, 64, 56, 56] (plain, channel-wise, quantized,
 both) and QCFS (L = 8) on the same x, ours beside x.clone(), the eager reference, SpikingJelly 2.0's Triton backend and
-torch.compile of the reference; then end to end (cnn7 and vgg16 converted and simulated at batch
+torch.compile of the reference (IF forward + backward: also ours with the persistent backward kernel, ``ours-slots``,
+RNL_FAST_IF_BWD=slots); then end to end (cnn7 and vgg16 converted and simulated at batch
 128, T = 16, 64, 256, beside one ANN forward and SpikingJelly's ann2snn conversion stepped T
 times; the chunked long run at T = 1024) and one profiled call of ours (cnn7, T = 64); the
 time-to-accuracy group is CPU only (skipped on CUDA, run by ``--cpu-dry-run``). The compile

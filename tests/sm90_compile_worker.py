@@ -91,6 +91,24 @@ KERNELS = {
             BLOCK=(512,),
         ),
     ),
+    # The per-block body is shared with if_bwd (_if_bwd_block), compiled above in all its switches;
+    # here the persistent loop and the slot addressing, in each dtype (the slot's element size)
+    # with the switches that change which pointers the loop carries.
+    "if_bwd_slots": (
+        if_kernels._if_bwd_slots_kernel,
+        dict(
+            HAS_GRAD_SPIKES=(False, True),
+            HAS_GRAD_V_FINAL=(True,),
+            V_TH_PER_NEURON=(False, True),
+            V_INIT_PER_NEURON=(True,),
+            HARD_RESET=(False, True),
+            V_RESET=(0.0,),
+            SURROGATE=("sigmoid",),
+            WIDTH=(1.0,),
+            DETACH_RESET=(False,),
+            BLOCK=(256,),
+        ),
+    ),
     "if_pool_fwd": (
         if_pool_kernels._if_fwd_pool_kernel,
         dict(

@@ -79,6 +79,41 @@ def test_if_backward_matches_reference(v_reset, surrogate):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "T, neurons, dtype, fits",
+    [
+        pytest.param(32, 2**22, torch.float32, True, id="T32-4M-fp32"),
+        pytest.param(8, 2**21, torch.float64, True, id="T8-2M-fp64"),
+        pytest.param(200, 2**20, torch.float32, False, id="T200-1M-fp32-full-scratch"),
+    ],
+)
+def test_if_backward_slots_equal_scratch_bit_for_bit(monkeypatch, T, neurons, dtype, fits):
+    """RNL_FAST_IF_BWD=slots against the default kernel: at T = 32, 16k blocks of 256 over the
+    792 programs an H200's L2 gives (~20 blocks each, each through the same slot). Here programs
+    run at once, unlike under the interpreter: a missing barrier between a block's two passes or
+    before a slot takes the next block, or two programs' slots that overlap, would show as other
+    bits. At T = 200 the slots would not fit L2 and the launcher runs the full-scratch kernel."""
+    from rnl_fast.kernels._autotune import device_slot_programs, persistent_block
+
+    block = persistent_block()["BLOCK"]
+    slot_bytes = T * block * (8 if dtype == torch.float64 else 4)
+    programs = device_slot_programs(-(-neurons // block), slot_bytes, torch.device("cuda"))
+    if fits and programs is None:
+        pytest.skip(f"this GPU's L2 holds too few {slot_bytes >> 10} KiB slots: slots and scratch would be one kernel")
+    assert fits or programs is None
+    torch.manual_seed(6)
+    x = (torch.randn(T, neurons, device="cuda", dtype=dtype) * 0.8 + 0.3).requires_grad_()
+    v_init = (torch.randn(neurons, device="cuda", dtype=dtype) * 0.3).requires_grad_()
+    w_s, w_v = torch.randn_like(x), torch.randn_like(v_init)
+    grads = {}
+    for kernel in ("scratch", "slots"):
+        monkeypatch.setenv("RNL_FAST_IF_BWD", kernel)
+        out = ops.if_sequence(x, v_th=0.8, v_init=v_init, v_reset=0.0, surrogate="sigmoid")
+        grads[kernel] = torch.autograd.grad((out.spikes * w_s).sum() + (out.v * w_v).sum(), [x, v_init])
+    for slots, scratch in zip(grads["slots"], grads["scratch"]):
+        assert torch.equal(slots, scratch)
+
+
 def _assert_rate_norm_matches_reference(x, raw_p, running_max, options: tuple, grad_atol: float) -> None:
     """ops.rate_norm against reference.rate_norm with ``options`` after the three tensors: outputs,
     and the gradients of x and raw_p under the loss ``(r*w).sum() + Σr/(Σr² + 1e-5)``."""

@@ -290,3 +290,241 @@ def test_atan_and_rectangle_equal_spikingjelly_atan_and_rect():
     for width in (1.0, 0.5, 0.25, 2.0):  # dyadic: 0.5/alpha is then exactly w/2, the same window edge
         theirs, _ = rect_backward(torch.ones_like(u), u, 1.0 / width)
         assert torch.equal(reference.surrogate_grad(u, "rectangle", width), theirs)
+
+
+# ─── the persistent backward kernel (RNL_FAST_IF_BWD=slots, Triton) ─────────────────────────────
+# Under the interpreter it runs P = 3 programs of BLOCK = 128 neurons whatever N
+# (kernels/_autotune.py): N = 1000 gives 8 blocks, programs 0 and 1 taking 3 each (the last one
+# partial, 104 neurons) and program 2 taking 2; N = 256 leaves program 2 without a block, N = 50
+# (< BLOCK) programs 1 and 2. The interpreter runs programs one after another, so the races a
+# missing barrier would cause show on a GPU only (test_gpu.py); the slot layout is checked below.
+
+
+@pytest.fixture
+def triton_backend(monkeypatch) -> None:
+    pytest.importorskip("triton")
+    monkeypatch.setenv("RNL_FAST_BACKEND", "triton")
+
+
+def _grads_of_both_kernels(monkeypatch, grads_of) -> tuple:
+    """``grads_of()`` under RNL_FAST_IF_BWD=scratch, then under =slots."""
+    results = []
+    for kernel in ("scratch", "slots"):
+        monkeypatch.setenv("RNL_FAST_IF_BWD", kernel)
+        results.append(grads_of())
+    return tuple(results)
+
+
+def _if_grads(fn, x, v_init, weight_s, weight_v, **kwargs) -> tuple[torch.Tensor, ...]:
+    """Gradients of ``(spikes·weight_s).sum() + (v·weight_v).sum()`` w.r.t. x and v_init (those
+    that require grad); a None weight leaves its term out, so that term's gradient reaches the
+    backward as None (no zero-filled tensor)."""
+    spikes, v, *_ = fn(x, v_init=v_init, **kwargs)
+    loss = sum((out * w).sum() for out, w in ((spikes, weight_s), (v, weight_v)) if w is not None)
+    return torch.autograd.grad(loss, [t for t in (x, v_init) if isinstance(t, torch.Tensor) and t.requires_grad])
+
+
+def _assert_slots_equal_scratch_and_reference(monkeypatch, x, v_init, weight_s, weight_v, exact_ref, **kwargs):
+    scratch, slots = _grads_of_both_kernels(
+        monkeypatch, lambda: _if_grads(ops.if_sequence, x, v_init, weight_s, weight_v, **kwargs)
+    )
+    ref = _if_grads(reference.if_sequence, x, v_init, weight_s, weight_v, **kwargs)
+    for fast, other, expected in zip(slots, scratch, ref):
+        assert fast.dtype == expected.dtype
+        assert torch.equal(fast, other), "the slots kernel differs from the scratch kernel"
+        if exact_ref:
+            assert torch.equal(fast, expected), "the slots kernel differs from the reference"
+        else:
+            torch.testing.assert_close(fast, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("v_reset", [None, 0.1], ids=["soft", "hard"])
+@pytest.mark.parametrize("surrogate", SURROGATES)
+@pytest.mark.parametrize("detach_reset", [False, True], ids=["reset-grad", "detach-reset"])
+def test_slots_backward_matches_scratch_and_reference(triton_backend, monkeypatch, v_reset, surrogate, detach_reset):
+    """Every branch of the shared per-block body, through slots, over 8 blocks in 3 programs with a
+    partial last block. Catches a slot kernel that reads back another row than it wrote (a row
+    stride of N, a pass 2 that starts one row off), or that skips a block (its grad_x would be the
+    allocator's garbage). Bit for bit against the scratch kernel; against the reference too for
+    the rectangle (atan and sigmoid differ there by an ulp in σ', as the scratch kernel's do)."""
+    x = _current(9, 1000).requires_grad_()
+    v_init = (torch.randn(1000) * 0.3).requires_grad_()
+    kwargs = dict(v_th=torch.rand(1000) + 0.5, v_reset=v_reset, surrogate=surrogate, width=0.7)
+    weights = (torch.randn(9, 1000), torch.randn(1000))
+    exact = surrogate == "rectangle"
+    _assert_slots_equal_scratch_and_reference(
+        monkeypatch, x, v_init, *weights, exact, detach_reset=detach_reset, **kwargs
+    )
+
+
+@pytest.mark.parametrize("neurons", [50, 256, 1000], ids=["N50-below-block", "N256-idle-program", "N1000"])
+@pytest.mark.parametrize("per_neuron", [True, False], ids=["per-neuron", "scalar"])
+def test_slots_backward_block_counts_and_scalar_state(triton_backend, monkeypatch, neurons, per_neuron):
+    """N below one block and N leaving programs without a block (P > blocks: such a program must
+    write nothing, and the loop bound must not let it into a block past the end); a scalar v_th
+    and v_init (one value broadcast in the shared body) beside per-neuron ones."""
+    x = _current(6, neurons).requires_grad_()
+    if per_neuron:
+        v_th, v_init = torch.rand(neurons) + 0.5, (torch.randn(neurons) * 0.3).requires_grad_()
+    else:
+        v_th, v_init = torch.tensor(0.8), torch.tensor(0.2).requires_grad_()
+    _assert_slots_equal_scratch_and_reference(
+        monkeypatch, x, v_init, torch.randn(6, neurons), torch.randn(neurons), True, v_th=v_th, surrogate="rectangle"
+    )
+
+
+@pytest.mark.parametrize("term", ["spikes", "membrane"], ids=["no-grad-v-final", "no-grad-spikes"])
+def test_slots_backward_with_one_output_in_the_loss(triton_backend, monkeypatch, term):
+    """Only the spikes or only the final membrane in the loss: the other gradient is None, the
+    kernel's HAS_GRAD_* switch off (a placeholder pointer that must not be read)."""
+    x = _current(8, 700).requires_grad_()
+    v_init = (torch.randn(700) * 0.3).requires_grad_()
+    weight_s, weight_v = torch.randn(8, 700), torch.randn(700)
+    weights = (weight_s, None) if term == "spikes" else (None, weight_v)
+    _assert_slots_equal_scratch_and_reference(
+        monkeypatch, x, v_init, *weights, True, v_th=0.7, v_reset=-0.1, surrogate="rectangle"
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64", "bf16"])
+def test_slots_backward_dtypes(triton_backend, monkeypatch, dtype):
+    """A slot holds the compute dtype (float64 for float64 x, 8-byte elements: a slot offset or row
+    sized for 4 would overlap); grad_x comes out in x's dtype. bf16 against the reference only to
+    its rounding: the reference rounds the spikes' gradient to bf16 where the kernels keep fp32."""
+    x = _current(7, 600, dtype=dtype).requires_grad_()
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    v_init = (torch.randn(600, dtype=compute) * 0.3).requires_grad_()
+    weights = (torch.randn(7, 600).to(dtype), torch.randn(600, dtype=compute))
+    scratch, slots = _grads_of_both_kernels(
+        monkeypatch, lambda: _if_grads(ops.if_sequence, x, v_init, *weights, v_th=0.8, surrogate="sigmoid")
+    )
+    ref = _if_grads(reference.if_sequence, x, v_init, *weights, v_th=0.8, surrogate="sigmoid")
+    assert slots[0].dtype == dtype and slots[1].dtype == compute
+    for fast, other, expected in zip(slots, scratch, ref):
+        assert torch.equal(fast, other)
+        tolerance = {} if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(fast.to(expected.dtype), expected, **tolerance)
+
+
+def test_slots_backward_constant_input(triton_backend, monkeypatch):
+    """x expanded over time (stride 0 in T): every block of every program reads its row of x at
+    each step; the gradient of the expanded input sums grad_x over T (autograd)."""
+    current = (torch.rand(5, 130) * 0.6).requires_grad_()
+    weight = torch.randn(20, 5, 130)
+
+    def grads():
+        return torch.autograd.grad(
+            (ops.if_sequence(current.expand(20, 5, 130), v_th=0.7).spikes * weight).sum(), current
+        )
+
+    scratch, slots = _grads_of_both_kernels(monkeypatch, grads)
+    assert torch.equal(slots[0], scratch[0])
+    (ref,) = torch.autograd.grad(
+        (reference.if_sequence(current.expand(20, 5, 130), v_th=0.7)[0] * weight).sum(), current
+    )
+    torch.testing.assert_close(slots[0], ref, rtol=1e-4, atol=1e-5)
+
+
+def _scratch_of_if_bwd(monkeypatch, kernel: str, x: torch.Tensor, grad_spikes: torch.Tensor) -> torch.Tensor:
+    """The scratch of one launcher call with RNL_FAST_IF_BWD=``kernel`` (its one allocation),
+    NaN-filled before the kernel runs, as ``poisoned_allocations`` does."""
+    from rnl_fast.kernels import if_bwd
+
+    monkeypatch.setenv("RNL_FAST_IF_BWD", kernel)
+    T, N = x.shape
+    grad_x, grad_v_init = torch.empty(T, N), torch.empty(N)
+    created, real_empty = [], torch.empty
+
+    def recording_empty(*args, **kwargs):
+        created.append(real_empty(*args, **kwargs).fill_(float("nan")))
+        return created[-1]
+
+    monkeypatch.setattr(torch, "empty", recording_empty)
+    try:
+        if_bwd(
+            grad_spikes,
+            None,
+            x,
+            torch.tensor(0.8),
+            torch.tensor(0.0),
+            0.0,
+            False,
+            "atan",
+            1.0,
+            False,
+            grad_x,
+            grad_v_init,
+        )
+    finally:
+        monkeypatch.setattr(torch, "empty", real_empty)
+    (scratch,) = created
+    return scratch
+
+
+def test_slots_hold_the_membrane_of_their_programs_last_block(triton_backend, monkeypatch):
+    """The scratch itself, after a slots call: slot p = rows t = 0..T−1 of m_t for the last block
+    that program p took (as the scratch kernel's [T, N] scratch has them). Catches
+    slots that overlap (an offset of p·BLOCK or p·T, where the interpreter, running programs in
+    turn, would still give right gradients: a later program overwrites an earlier one's slot), a
+    slot written with another row stride, a block loop that visits other blocks than p, p + P, …
+    (the last one would differ), and a partial block that writes its slot past N."""
+    from rnl_fast.kernels._autotune import INTERPRETER_PROGRAMS, persistent_block
+
+    block, programs = persistent_block()["BLOCK"], INTERPRETER_PROGRAMS
+    T, N = 5, 4 * block + 40  # 5 blocks over 3 programs: 0 takes 0 and 3, 1 takes 1 and 4 (partial), 2 takes 2
+    blocks = -(-N // block)
+    x, grad_spikes = _current(T, N), torch.randn(T, N)
+    membrane = _scratch_of_if_bwd(monkeypatch, "scratch", x, grad_spikes)
+    slots = _scratch_of_if_bwd(monkeypatch, "slots", x, grad_spikes)
+    assert membrane.shape == (T, N) and slots.shape == (programs, T, block)
+    for program in range(programs):
+        last = program + (blocks - 1 - program) // programs * programs
+        columns = membrane[:, last * block : (last + 1) * block]
+        width = columns.shape[1]  # < block for the last, partial block
+        assert torch.equal(slots[program, :, :width], columns), f"slot {program}"
+        # Past N the partial block writes nothing: what the program's previous block left, or NaN.
+        earlier = membrane[:, (last - programs) * block + width : (last - programs + 1) * block]
+        beyond = slots[program, :, width:]
+        assert torch.equal(beyond, earlier) if last >= programs else beyond.isnan().all()
+
+
+def test_slots_backward_many_blocks_per_program(triton_backend, monkeypatch):
+    """N = 3000: 24 blocks, 8 per program: a block loop that stops one short (range to blocks − 1)
+    or strides by 1 instead of P would leave or double-process blocks, seen in grad_x."""
+    x = _current(4, 3000).requires_grad_()
+    _assert_slots_equal_scratch_and_reference(
+        monkeypatch, x, 0.0, torch.randn(4, 3000), None, True, v_th=0.9, surrogate="rectangle"
+    )
+
+
+@pytest.mark.parametrize("value", ["slot", "SCRATCHY", "1"])
+def test_invalid_if_backward_kernel_is_named(triton_backend, monkeypatch, value):
+    monkeypatch.setenv("RNL_FAST_IF_BWD", value)
+    x = _current(3, 10).requires_grad_()
+    out = ops.if_sequence(x)
+    with pytest.raises(ValueError, match=r"RNL_FAST_IF_BWD must be one of \('scratch', 'slots'\)"):
+        out.spikes.sum().backward()
+
+
+def test_slot_programs_sizing_rule():
+    """The launch sizing on an H200 (132 SMs, 50 MiB L2: half, 25 MiB, for slots) with 256-neuron
+    fp32 slots of T rows: at T = 32, 800 slots of 32 KiB fit, 6 per SM: 792 programs (an SM with a
+    7th may finish last); T = 48 is the largest T that still gives 4 programs per SM; above it,
+    or at T = 256 (100 slots), the caller falls back (None); fewer blocks than slots take a
+    program each, even at large T."""
+    pytest.importorskip("triton")
+    from rnl_fast.kernels._autotune import l2_slot_programs
+
+    l2, sms = 50 * 2**20, 132
+    blocks = 2**24 // 256  # N = 16M
+
+    def slot(T: int) -> int:
+        return T * 256 * 4
+
+    assert l2_slot_programs(blocks, slot(32), l2, sms) == 792
+    assert l2_slot_programs(blocks, slot(48), l2, sms) == 528
+    assert l2_slot_programs(blocks, slot(49), l2, sms) is None
+    assert l2_slot_programs(blocks, slot(256), l2, sms) is None
+    assert l2_slot_programs(10, slot(256), l2, sms) == 10
+    assert l2_slot_programs(2000, slot(4), l2, sms) == 2000
+    assert l2_slot_programs(7000, slot(4), l2, sms) == 6336  # 6400 fit: 48 per SM

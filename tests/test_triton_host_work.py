@@ -1,5 +1,6 @@
 """The Rate Norm and QCFS launchers do no host work beyond their kernels and the sums of the
-per-program partials: no autotuner, no zero-filled buffers, no stacks or clones.
+per-program partials: no autotuner, no zero-filled buffers, no stacks or clones; the IF backward
+launches its one kernel.
 
 On a GPU these calls are bound by the host, not the device (docs/gpu.md: a Rate Norm forward +
 backward at 51M elements ran ~0.4 ms of kernels and ~1.6 ms of host time on an H200's host), and
@@ -102,6 +103,22 @@ def test_qcfs_launches_its_kernels_and_one_sum(kernels, monkeypatch):
         kernels.qcfs_bwd(grad_y, x, threshold, torch.empty(50), torch.empty(()), 8)
     assert dict(work.launches) == {"_qcfs_fwd_kernel": 1, "_qcfs_bwd_kernel": 1}
     assert dict(work.ops) == {"sum": 1}
+
+
+@pytest.mark.parametrize("kernel", ["scratch", "slots"])
+def test_if_backward_launches_one_kernel(kernels, monkeypatch, kernel):
+    """The IF backward, either kernel (RNL_FAST_IF_BWD): one launch and no other device work (its
+    scratch is an empty tensor); the persistent one without the autotuner (its program count is
+    sized from a BLOCK fixed before the launch)."""
+    x, grad_spikes = torch.randn(6, 300), torch.randn(6, 300)
+    v_th, v_init = torch.tensor(0.8), torch.tensor(0.0)
+    grad_x, grad_v_init = torch.empty(6, 300), torch.empty(300)
+    monkeypatch.setenv("RNL_FAST_IF_BWD", kernel)
+    with _DeviceWork(monkeypatch) as work:
+        kernels.if_bwd(grad_spikes, None, x, v_th, v_init, 0.0, False, "atan", 1.0, False, grad_x, grad_v_init)
+    expected = {"_if_bwd_slots_kernel": 1} if kernel == "slots" else {"_if_bwd_kernel": 1, "autotuner": 1}
+    assert dict(work.launches) == expected
+    assert dict(work.ops) == {}
 
 
 def test_the_counter_sees_what_the_old_launchers_did(kernels, monkeypatch):

@@ -8,12 +8,15 @@ The impls of an op group:
 - ``clone``: ``x.clone()``, the cost of a fresh output of the input's size;
 - ``eager``: the pure-PyTorch definition in :mod:`rnl_fast.reference`;
 - ``compile``: ``torch.compile`` of that definition (compile time excluded);
-- ``spikingjelly``: SpikingJelly 2.0's ``IFNode(v_reset=None, step_mode="m")``.
+- ``spikingjelly``: SpikingJelly 2.0's ``IFNode(v_reset=None, step_mode="m")``;
+- ``ours-slots`` (IF forward + backward, CUDA): ours with ``RNL_FAST_IF_BWD=slots``, the
+  persistent backward kernel, beside ``ours`` and its default kernel.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,7 +27,7 @@ from rnl_fast import ops, reference
 from rnl_fast.reference import OMEGA_EPS
 
 from .e2e import build_e2e_case
-from .groups import GROUPS_BY_NAME, IMPLS, POOL_IMPLS, SEED, Case, Group, Sizes, Unavailable, sizes_for
+from .groups import GROUPS_BY_NAME, IF_BWD_IMPLS, POOL_IMPLS, SEED, Case, Group, Sizes, Unavailable, sizes_for
 from .tta import build_tta_case
 
 #: Rate Norm momentum, the same for every impl.
@@ -107,7 +110,7 @@ def _spikingjelly_if() -> Callable[[Tensor], Tensor]:
 
 def _if_spikes_fn(impl: str, spike_dtype: torch.dtype | None) -> Callable[[Tensor], Tensor]:
     """``x [T, N] → spikes [T, N]`` for one impl; all use v_th = 1, v_init = 0, soft reset, atan."""
-    if impl == "ours":
+    if impl in ("ours", "ours-slots"):  # the same forward; their backward kernels differ
         return lambda x: ops.if_sequence(x, spike_dtype=spike_dtype).spikes
     if impl == "eager":
         return lambda x: reference.if_sequence(x, spike_dtype=spike_dtype)[0]
@@ -117,7 +120,26 @@ def _if_spikes_fn(impl: str, spike_dtype: torch.dtype | None) -> Callable[[Tenso
         return lambda x: compiled(x, spike_dtype=spike_dtype)[0]
     if impl == "spikingjelly":
         return _spikingjelly_if()
-    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    raise ValueError(f"impl must be one of {IF_BWD_IMPLS}, got {impl!r}")
+
+
+def _with_if_bwd(kernel: str, call: Callable[[], Tensor]) -> Callable[[], Tensor]:
+    """``call`` run with ``RNL_FAST_IF_BWD=kernel`` (read by the IF backward on every call), then the
+    variable as it was, so that the other impls keep the default. Costs a few µs of host time
+    per call, against the ~3.7 ms of an IF forward + backward at [32, 16M] on an H200."""
+
+    def run() -> Tensor:
+        before = os.environ.get("RNL_FAST_IF_BWD")
+        os.environ["RNL_FAST_IF_BWD"] = kernel
+        try:
+            return call()
+        finally:
+            if before is None:
+                del os.environ["RNL_FAST_IF_BWD"]
+            else:
+                os.environ["RNL_FAST_IF_BWD"] = before
+
+    return run
 
 
 def _if_pool_fn(impl: str) -> Callable[[Tensor], Tensor]:
@@ -183,6 +205,8 @@ def build_op_case(group: Group, impl: str, device: str, scale: str) -> Case:
     inputs = _inputs(group.name, device, sizes_for(device, scale))
     x = inputs["x"]
     run: Callable[[], Any]
+    if impl == "ours-slots" and device != "cuda":
+        raise Unavailable("the persistent backward is a Triton kernel: CUDA only (CPU runs the C++ backward)")
     if impl == "clone":
         x_value = x.detach()
         run = x_value.clone
@@ -194,6 +218,9 @@ def build_op_case(group: Group, impl: str, device: str, scale: str) -> Case:
 
             def run() -> Tensor:
                 return torch.autograd.grad(spikes_of(x), x, grad_spikes)[0]
+
+            if impl == "ours-slots":
+                run = _with_if_bwd("slots", run)
 
         else:
 

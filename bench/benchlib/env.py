@@ -102,7 +102,10 @@ def environment_lines(scale: str) -> list[str]:
         sj = getattr(spikingjelly, "__version__", None) or _dist_version("spikingjelly")
     except ImportError:
         sj = "not importable (its rows are skipped)"
-    cuda = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    cuda = "none"
+    if torch.cuda.is_available():  # SMs and L2: what the IF backward's slots are sized by
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        cuda = f"{props.name} ({props.multi_processor_count} SMs, L2 {props.L2_cache_size / 2**20:.0f} MiB)"
     cores, load = os.cpu_count() or 1, os.getloadavg()[0]
     busy = " (BUSY: other processes compete for the cores; figures are noisier)" if load > 0.75 * cores else ""
     return [

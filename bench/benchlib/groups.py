@@ -22,6 +22,9 @@ SCALES = ("full", "small", "tiny")
 IMPLS = ("ours", "clone", "eager", "compile", "spikingjelly")
 #: Impls of the fused IF + 2×2 average pooling group: also ours unfused (IF op, then pooling).
 POOL_IMPLS = ("ours", "ours-unfused", "clone", "eager", "compile", "spikingjelly")
+#: Impls of the IF forward + backward group: also ours with the persistent backward kernel
+#: (``RNL_FAST_IF_BWD=slots``: the membrane through L2-sized slots instead of a [T, N] scratch).
+IF_BWD_IMPLS = ("ours", "ours-slots", "clone", "eager", "compile", "spikingjelly")
 #: Impls of the end-to-end groups; the ReLU-only ones for the nets whose RNL build is not timed.
 #: ``ours-bf16``: ours after ``snn.to(torch.bfloat16)`` (bf16 convolutions, float32 IF integration).
 E2E_IMPLS = ("ours", "ours-bf16", "ours-rnl", "spikingjelly", "ann")
@@ -113,7 +116,7 @@ GROUPS: tuple[Group, ...] = (
     # SpikingJelly cannot write byte spikes; its fp32 figure is in if-fwd-fp32.
     Group("if-fwd-uint8", "IF forward, uint8 spikes", "if", IMPLS[:4], spike_dtype=torch.uint8),
     Group("if-fwd-bf16", "IF forward, bf16 in, bf16 spikes", "if", IMPLS, dtype=torch.bfloat16),
-    Group("if-fwd-bwd-fp32", "IF forward+backward, fp32", "if", IMPLS, backward=True),
+    Group("if-fwd-bwd-fp32", "IF forward+backward, fp32", "if", IF_BWD_IMPLS, backward=True),
     Group("if-pool-fwd-fp32", "IF forward then 2x2 average pooling of the spikes, fp32", "if", POOL_IMPLS, pool=True),
     Group(
         "rnl-fwd-bwd-fp32",

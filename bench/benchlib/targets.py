@@ -44,8 +44,12 @@ TARGETS: tuple[Target, ...] = (
     Target("if-fwd-fp32", "cuda", "copy_bw", 0.8),
     Target("if-fwd-uint8", "cuda", "copy_bw", 0.8),
     Target("if-fwd-fp32", "cuda", "faster_by", 1.5, "spikingjelly"),
-    Target("if-fwd-bwd-fp32", "cuda", "faster_by", 1.2, "spikingjelly"),
-    Target("if-fwd-bwd-fp32", "cuda", "peak_at_most", 1.0, "spikingjelly"),
+    # Both IF backward kernels (RNL_FAST_IF_BWD): the default one and the persistent one.
+    *(
+        Target("if-fwd-bwd-fp32", "cuda", kind, value, "spikingjelly", subject)
+        for subject in ("ours", "ours-slots")
+        for kind, value in (("faster_by", 1.2), ("peak_at_most", 1.0))
+    ),
     *(Target(f"rnl-{tag}fwd-bwd-fp32", "cuda", "faster_by", 3.0, "eager") for tag in ("", "cw-", "q8-", "cw-q8-")),
     Target("qcfs-fwd-bwd-fp32", "cuda", "faster_by", 3.0, "eager"),
     Target("e2e-cnn7-T64", "cpu", "faster_by", 3.0, "spikingjelly"),
