@@ -1,6 +1,7 @@
-// Multi-step IF neurons: one block of neurons per task, all T steps with the membrane in a
-// block-local array (L1), the neuron index innermost so that the compiler vectorises it.
-// (Neuron-outer / time-inner would stride N elements per step: ~10× slower on a 2-core build machine.)
+// Multi-step IF neurons: the forward walks one span of neurons per task (if_forward), the backward
+// one block per task with all T steps in a thread-local scratch (if_backward); the neuron index is
+// innermost so that the compiler vectorises it. (Neuron-outer / time-inner would stride N elements
+// per step: ~10× slower on a 2-core build machine.)
 #include "if_kernel.h"
 #include "exp_nonpositive.h"
 #include "if_steps.h"
@@ -11,12 +12,14 @@
 #include <functional>
 #include <tuple>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace rnl_fast {
 namespace {
 
 using detail::kForwardBlock;
+using detail::kForwardSpan;
 using detail::kStepUnroll;
 // The backward keeps T × block membranes in a thread-local scratch: the block is as wide as fits
 // kBackwardScratch bytes (a core's L2), between 64 and kBackwardMaxBlock neurons. (Backward op,
@@ -45,19 +48,36 @@ inline Acc surrogate_grad(Acc u, Surrogate surrogate, Acc width) {
   return std::abs(u) < Acc(0.5) * width ? Acc(1) / width : Acc(0);
 }
 
-template <bool HARD, typename In, typename Out, typename Acc>
-void forward_block(const In* x, const IFShape& shape, int64_t j0, int64_t n, const Acc* th,
-                   Acc v_reset, Acc* v, int32_t* count, Out* spikes, int64_t* step_counts) {
+// One span of neurons [j0, j0 + n), all T steps: kStepUnroll steps per pass over the whole span
+// (in kForwardBlock pieces, see forward_steps), the membrane in `v` (the span's slice of v_final),
+// the spike counts in bytes, added into neuron_counts (if wanted) before they could wrap.
+template <bool HARD, bool TH_SCALAR, typename In, typename Out, typename Acc>
+void forward_span(const In* x, const IFShape& shape, int64_t j0, int64_t n, const Acc* th, Acc v_reset, Acc* v,
+                  uint8_t* count, int32_t* neuron_counts, Out* spikes, int64_t* step_counts) {
   const int64_t x_stride = shape.t_stride, s_stride = shape.N;
+  int since_flush = 0;  // steps counted in `count` since it was last added to neuron_counts
+  auto flush = [&] {
+    if (neuron_counts) {
+      for (int64_t j = 0; j < n; ++j) neuron_counts[j0 + j] += count[j];
+    }
+    std::fill(count, count + n, uint8_t{0});
+    since_flush = 0;
+  };
+  auto pass = [&](auto steps, int64_t t) {
+    constexpr int U = decltype(steps)::value;
+    if (since_flush + U > 255) flush();
+    for (int64_t k = 0; k < n; k += kForwardBlock) {
+      const int64_t m = std::min(kForwardBlock, n - k);
+      detail::forward_steps<U, HARD, TH_SCALAR>(x + t * x_stride + j0 + k, x_stride, spikes + t * s_stride + j0 + k,
+                                                s_stride, m, TH_SCALAR ? th : th + k, v_reset, v + k, count + k,
+                                                step_counts + t);
+    }
+    since_flush += U;
+  };
   int64_t t = 0;
-  for (; t + kStepUnroll <= shape.T; t += kStepUnroll) {
-    detail::forward_steps<kStepUnroll, HARD>(x + t * x_stride + j0, x_stride, spikes + t * s_stride + j0,
-                                             s_stride, n, th, v_reset, v, count, step_counts + t);
-  }
-  for (; t < shape.T; ++t) {
-    detail::forward_steps<1, HARD>(x + t * x_stride + j0, x_stride, spikes + t * s_stride + j0, s_stride,
-                                   n, th, v_reset, v, count, step_counts + t);
-  }
+  for (; t + kStepUnroll <= shape.T; t += kStepUnroll) pass(std::integral_constant<int, kStepUnroll>{}, t);
+  for (; t < shape.T; ++t) pass(std::integral_constant<int, 1>{}, t);
+  flush();
 }
 
 }  // namespace
@@ -66,25 +86,40 @@ template <typename In, typename Out, typename Acc>
 void if_forward(const In* x, IFShape shape, NeuronParam<Acc> v_th, NeuronParam<Acc> v_init,
                 Acc v_reset, Reset reset, Out* spikes, Acc* v_final, int64_t* step_counts,
                 int32_t* neuron_counts, int num_threads) {
-  const int64_t num_blocks = (shape.N + kForwardBlock - 1) / kForwardBlock;
+  const bool parallel = shape.T * shape.N >= kParallelMinWork && num_threads > 1;
+  const int64_t share = parallel ? (shape.N + num_threads - 1) / num_threads : shape.N;
+  const int64_t span =
+      std::min(kForwardSpan, std::max(kForwardBlock, (share + kForwardBlock - 1) / kForwardBlock * kForwardBlock));
+  const int64_t num_spans = (shape.N + span - 1) / span;
+  const bool th_scalar = v_th.len == 1;
   std::fill(step_counts, step_counts + shape.T, 0);
-#pragma omp parallel num_threads(num_threads) if (shape.T * shape.N >= kParallelMinWork)
+#pragma omp parallel num_threads(num_threads) if (parallel)
   {
     std::vector<int64_t> my_step_counts(shape.T, 0);  // per thread: no atomics in the loop
-    std::vector<Acc> v(kForwardBlock), th(kForwardBlock);
-    std::vector<int32_t> count(kForwardBlock);
+    std::vector<Acc> th(th_scalar ? 1 : span);
+    std::vector<uint8_t> count(span);
 #pragma omp for schedule(static)
-    for (int64_t b = 0; b < num_blocks; ++b) {
-      const int64_t j0 = b * kForwardBlock;
-      const int64_t n = std::min(kForwardBlock, shape.N - j0);
-      detail::load_block_state(v_th, v_init, j0, n, th.data(), v.data(), count.data());
-      if (reset == Reset::kHard) {
-        forward_block<true>(x, shape, j0, n, th.data(), v_reset, v.data(), count.data(), spikes, my_step_counts.data());
+    for (int64_t b = 0; b < num_spans; ++b) {
+      const int64_t j0 = b * span;
+      const int64_t n = std::min(span, shape.N - j0);
+      Acc* v = v_final + j0;
+      for (int64_t j = 0; j < n; ++j) v[j] = v_init.at(j0 + j);
+      if (th_scalar) {
+        th[0] = v_th.at(0);
       } else {
-        forward_block<false>(x, shape, j0, n, th.data(), v_reset, v.data(), count.data(), spikes, my_step_counts.data());
+        for (int64_t j = 0; j < n; ++j) th[j] = v_th.at(j0 + j);
       }
-      std::copy(v.begin(), v.begin() + n, v_final + j0);
-      if (neuron_counts) std::copy(count.begin(), count.begin() + n, neuron_counts + j0);
+      if (neuron_counts) std::fill(neuron_counts + j0, neuron_counts + j0 + n, 0);
+      std::fill(count.begin(), count.begin() + n, uint8_t{0});
+      const auto args = std::make_tuple(x, std::cref(shape), j0, n, th.data(), v_reset, v, count.data(),
+                                        neuron_counts, spikes, my_step_counts.data());
+      if (reset == Reset::kHard) {
+        th_scalar ? std::apply(forward_span<true, true, In, Out, Acc>, args)
+                  : std::apply(forward_span<true, false, In, Out, Acc>, args);
+      } else {
+        th_scalar ? std::apply(forward_span<false, true, In, Out, Acc>, args)
+                  : std::apply(forward_span<false, false, In, Out, Acc>, args);
+      }
     }
 #pragma omp critical
     for (int64_t t = 0; t < shape.T; ++t) step_counts[t] += my_step_counts[t];

@@ -9,16 +9,28 @@
 namespace rnl_fast {
 namespace detail {
 
-// Steps per pass of forward_steps (see there), and the largest block of neurons a forward task
-// keeps in block-local arrays (membrane, threshold and count: 48 KB, L1/L2). Four steps, not
-// eight: a pass reads U rows of x and writes U rows of spikes, 2·U streams of 16 KB each that the
-// hardware prefetchers must pick up before the walk moves on, and with eight GCC also ran out of
-// vector registers for the row pointers (spilled to xmm). C++ model of the forward, T = 32 × 2M
-// fp32, medians of interleaved runs: into a warm output 27.7 → 22.1 ms on 1 thread (memcpy 19.1),
-// 20.5 → 15.7 on 2 (plain copy 17.4); into fresh huge pages, 2 threads, 26.0–28.1 → 24.8–26.5
-// (plain copy 18.9–19.1); into fresh 4 KB pages no clear change (page faults dominate, ~60 ms).
+// Steps per pass of forward_steps (see there), and the neurons of one forward_steps call: the
+// block of a pooled forward task keeps them in block-local arrays (membrane, threshold, count:
+// 48 KB, L1/L2). Four steps, not eight: a pass reads U rows of x and writes U rows of spikes,
+// 2·U streams of 16 KB each that the hardware prefetchers must pick up before the walk moves on,
+// and with eight GCC also ran out of vector registers for the row pointers (spilled to xmm). C++
+// model of the forward, T = 32 × 2M fp32, medians of interleaved runs: into a warm output 27.7 →
+// 22.1 ms on 1 thread (memcpy 19.1), 20.5 → 15.7 on 2 (plain copy 17.4); into fresh huge pages,
+// 2 threads, 26.0–28.1 → 24.8–26.5 (plain copy 18.9–19.1); into fresh 4 KB pages no clear change.
 constexpr int kStepUnroll = 4;
 constexpr int64_t kForwardBlock = 4096;
+// The most neurons if_forward walks together, U steps per pass over all of them: 2 MiB of each
+// fp32 spike row, one huge page. A fresh output page is zeroed by the OS at its first touch; the
+// span walk writes the rest of that row's page right after (the zeroed lines still in cache, as
+// `clone` does), where walking all T steps of 4096 neurons at a time finished each page 128
+// blocks later, its zeroed lines long written back to memory and read again. The span's membrane
+// (2 MiB, in v_final) and byte counts (512 KiB) stay in L2/L3, and a scalar threshold is not
+// copied per neuron. C++ model, T = 32 × 2M fp32, 2 threads, fresh huge pages, interleaved
+// medians: 24.6–27.8 ms for the 4096-neuron walk, 20.5–21.3 for the span walk, 17.9–19.7 for a
+// plain copy (it needs the L3 free: the VM's neighbours share it). The C++ call, one thread,
+// in cache: T = 32 × 65,536 fp32 595–653 → 353–396 µs; T = 7 × 65,536 112–139 → 74–77 µs
+// (README, Performance).
+constexpr int64_t kForwardSpan = int64_t{1} << 19;
 
 // A block's starting state: thresholds and initial membranes of neurons [j0, j0 + n), counts 0.
 template <typename Acc>
@@ -42,17 +54,19 @@ inline void load_block_state(NeuronParam<Acc> v_th, NeuronParam<Acc> v_init, int
 // in the same loop in eight named reductions, which GCC vectorises (an array-section reduction
 // `fired[:U]` it left scalar, 8× slower). It replaced a second pass over the U rows just written:
 // one thread, T = 32 × 8192 fp32, 53–61 → 42–47 µs; × 65,536, 458–471 → 335–394 µs.
-template <int U, bool HARD, typename In, typename Out, typename Acc>
+// TH_SCALAR: `th` points at one threshold for all n neurons (not n). Count: the per-neuron count
+// type, int32_t (pooled forward) or uint8_t (if_forward, which adds them up before they wrap).
+template <int U, bool HARD, bool TH_SCALAR = false, typename In, typename Out, typename Acc, typename Count>
 inline void forward_steps(const In* __restrict xt, int64_t x_stride, Out* __restrict st, int64_t s_stride,
                           int64_t n, const Acc* __restrict th, Acc v_reset, Acc* __restrict v,
-                          int32_t* __restrict count, int64_t* step_counts) {
+                          Count* __restrict count, int64_t* step_counts) {
   static_assert(U <= 8, "eight step totals at most");
   int32_t c0 = 0, c1 = 0, c2 = 0, c3 = 0, c4 = 0, c5 = 0, c6 = 0, c7 = 0;
 #pragma omp simd reduction(+ : c0, c1, c2, c3, c4, c5, c6, c7)
   for (int64_t j = 0; j < n; ++j) {
     Acc vj = v[j];
-    const Acc thj = th[j];
-    int32_t cj = count[j];
+    const Acc thj = TH_SCALAR ? th[0] : th[j];
+    Count cj = count[j];
 #pragma GCC unroll 16
     for (int u = 0; u < U; ++u) {
       const Acc m = vj + load<Acc>(xt + u * x_stride + j);

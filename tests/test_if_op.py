@@ -45,6 +45,41 @@ def test_long_sequence(backend):
     assert_if_same(ops.if_sequence(x, v_th=0.7), _reference(x, v_th=0.7))
 
 
+def test_neuron_counts_past_255(backend):
+    """The C++ forward counts each neuron's spikes in a byte and adds them up before they wrap:
+    a neuron that fires at every one of 601 steps (4 steps per pass, then single steps) must count
+    601, one that fires every other step 300, and the step totals must not lose them."""
+    T = 601
+    x = torch.empty(T, 3)
+    x[:, 0], x[:, 1], x[:, 2] = 1.0, 0.5, 0.0  # v_th = 1: fires every step, every other step, never
+    out = ops.if_sequence(x, v_th=1.0)
+    assert out.neuron_counts.tolist() == [601, 300, 0]
+    assert out.step_counts.sum().item() == 901
+    assert_if_same(out, _reference(x, v_th=1.0))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("v_reset", [None, -0.2], ids=["soft", "hard"])
+def test_several_spans_per_thread(backend, threads, v_reset):
+    """The C++ forward walks at most 2**19 neurons together: 1,100,001 neurons are three spans (the
+    last one partial), shared by one or two threads; per-neuron thresholds and initial membranes
+    must follow their neurons across the span boundaries, T = 6 runs one pass of 4 and two single
+    steps."""
+    if backend != "cpp":
+        pytest.skip("spans and threads are the C++ forward's (and a million neurons are slow elsewhere)")
+    N = 1_100_001
+    x = _current(6, N)
+    v_th, v_init = torch.rand(N) + 0.4, torch.randn(N) * 0.3
+    kwargs = dict(v_th=v_th, v_init=v_init, v_reset=v_reset)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = ops.if_sequence(x, **kwargs)
+    finally:
+        torch.set_num_threads(before)
+    assert_if_same(out, _reference(x, **kwargs))
+
+
 def test_per_channel_threshold_and_membrane(backend):
     x = _current(11, 4, 3, 5)
     v_th = torch.rand(3, 1) + 0.3  # per channel, broadcast over the last dim
