@@ -20,6 +20,8 @@ namespace {
 
 using detail::kForwardBlock;
 using detail::kForwardSpan;
+using detail::kHugePage;
+using detail::kSpanSteps;
 using detail::kStepUnroll;
 // The backward keeps T × block membranes in a thread-local scratch: the block is as wide as fits
 // kBackwardScratch bytes (a core's L2), between 64 and kBackwardMaxBlock neurons. (Backward op,
@@ -48,17 +50,27 @@ inline Acc surrogate_grad(Acc u, Surrogate surrogate, Acc width) {
   return std::abs(u) < Acc(0.5) * width ? Acc(1) / width : Acc(0);
 }
 
-// One span of neurons [j0, j0 + n), all T steps: kStepUnroll steps per pass over the whole span
-// (in kForwardBlock pieces, see forward_steps), the membrane in `v` (the span's slice of v_final),
-// the spike counts in bytes, added into neuron_counts (if wanted) before they could wrap.
+// A span of if_forward: neurons [first, first + n) in the rotated order of SpanCuts, which is at
+// most two runs of the neuron index: [j, j + n1) and, when it wraps past N, [0, n − n1).
+struct Span {
+  int64_t j[2];  // first neuron of each run
+  int64_t n[2];  // neurons in each run (n[1] = 0: one run)
+};
+
+// One span, all T steps: kSpanSteps steps per pass over the whole span (each run in kForwardBlock
+// pieces, see forward_steps), the membrane in v_final, thresholds (unless one for all) and spike
+// counts in span-local arrays indexed in span order; the counts are bytes, added into
+// neuron_counts (if wanted) before they could wrap.
 template <bool HARD, bool TH_SCALAR, typename In, typename Out, typename Acc>
-void forward_span(const In* x, const IFShape& shape, int64_t j0, int64_t n, const Acc* th, Acc v_reset, Acc* v,
+void forward_span(const In* x, const IFShape& shape, const Span& span, const Acc* th, Acc v_reset, Acc* v_final,
                   uint8_t* count, int32_t* neuron_counts, Out* spikes, int64_t* step_counts) {
-  const int64_t x_stride = shape.t_stride, s_stride = shape.N;
+  const int64_t x_stride = shape.t_stride, s_stride = shape.N, n = span.n[0] + span.n[1];
   int since_flush = 0;  // steps counted in `count` since it was last added to neuron_counts
   auto flush = [&] {
     if (neuron_counts) {
-      for (int64_t j = 0; j < n; ++j) neuron_counts[j0 + j] += count[j];
+      for (int r = 0, c = 0; r < 2; c += span.n[r++]) {
+        for (int64_t i = 0; i < span.n[r]; ++i) neuron_counts[span.j[r] + i] += count[c + i];
+      }
     }
     std::fill(count, count + n, uint8_t{0});
     since_flush = 0;
@@ -66,19 +78,58 @@ void forward_span(const In* x, const IFShape& shape, int64_t j0, int64_t n, cons
   auto pass = [&](auto steps, int64_t t) {
     constexpr int U = decltype(steps)::value;
     if (since_flush + U > 255) flush();
-    for (int64_t k = 0; k < n; k += kForwardBlock) {
-      const int64_t m = std::min(kForwardBlock, n - k);
-      detail::forward_steps<U, HARD, TH_SCALAR>(x + t * x_stride + j0 + k, x_stride, spikes + t * s_stride + j0 + k,
-                                                s_stride, m, TH_SCALAR ? th : th + k, v_reset, v + k, count + k,
-                                                step_counts + t);
+    for (int r = 0, c = 0; r < 2; c += span.n[r++]) {
+      const int64_t j0 = span.j[r];
+      for (int64_t k = 0; k < span.n[r]; k += kForwardBlock) {
+        const int64_t m = std::min(kForwardBlock, span.n[r] - k);
+        detail::forward_steps<U, HARD, TH_SCALAR>(
+            x + t * x_stride + j0 + k, x_stride, spikes + t * s_stride + j0 + k, s_stride, m,
+            TH_SCALAR ? th : th + c + k, v_reset, v_final + j0 + k, count + c + k, step_counts + t);
+      }
     }
     since_flush += U;
   };
   int64_t t = 0;
-  for (; t + kStepUnroll <= shape.T; t += kStepUnroll) pass(std::integral_constant<int, kStepUnroll>{}, t);
+  for (; t + kSpanSteps <= shape.T; t += kSpanSteps) pass(std::integral_constant<int, kSpanSteps>{}, t);
   for (; t < shape.T; ++t) pass(std::integral_constant<int, 1>{}, t);
   flush();
 }
+
+// How if_forward cuts the neurons: each thread a contiguous share, each share in spans of at most
+// kForwardSpan. Where the shares are at least a huge page of a spike row (`grid` neurons: 2 MiB of
+// Out), shares and spans end on the 2 MiB boundaries of the spike tensor, so that each huge page
+// of a row is written by one span, right after the OS zeroed it (kForwardSpan). torch's THP
+// allocator does not align tensors to 2 MiB: the neurons are then taken in a rotated order that
+// starts at the first boundary (`head` neurons in) and wraps around, so the span that ends a row
+// also begins the next one, and the page that holds both is written by that span. (Spans counted
+// from neuron 0 left such pages to two spans: at T = 32 × 2M fp32 with the spikes 4 KB short of a
+// boundary, the C++ call into fresh huge pages took 28.3 ms against 23.6 when aligned.) Smaller
+// shares split the neurons evenly in multiples of kForwardBlock, in plain order.
+struct SpanCuts {
+  int64_t N, grid, head;
+  bool on_grid;
+  SpanCuts(int64_t N, const void* spikes, size_t out_size, int threads)
+      : N(N), grid(static_cast<int64_t>(kHugePage / out_size)), on_grid(N / threads >= grid) {
+    const uintptr_t to_boundary = (kHugePage - reinterpret_cast<uintptr_t>(spikes) % kHugePage) % kHugePage;
+    head = on_grid ? std::min(N, static_cast<int64_t>(to_boundary / out_size)) : 0;
+  }
+  // Where thread `tid`'s share begins, in the rotated order (tid == threads: N).
+  int64_t share_start(int tid, int threads) const {
+    const int64_t even = N * tid / threads;
+    if (tid == 0 || tid == threads) return even;
+    const int64_t step = on_grid ? grid : kForwardBlock;
+    const int64_t rounded = on_grid ? (even + grid / 2) / grid * grid : (even + step - 1) / step * step;
+    return std::min(N, rounded);
+  }
+  // The span that begins at rotated position r0 in a share that ends at hi; sets r1, its end.
+  Span span_at(int64_t r0, int64_t hi, int64_t& r1) const {
+    const int64_t boundary = on_grid ? (r0 / grid + 1) * grid : hi;
+    r1 = std::min({hi, r0 + kForwardSpan, boundary});
+    const int64_t j0 = r0 + head < N ? r0 + head : r0 + head - N;  // neuron at r0
+    const int64_t first_run = std::min(r1 - r0, N - j0);
+    return Span{{j0, 0}, {first_run, r1 - r0 - first_run}};
+  }
+};
 
 }  // namespace
 
@@ -87,32 +138,31 @@ void if_forward(const In* x, IFShape shape, NeuronParam<Acc> v_th, NeuronParam<A
                 Acc v_reset, Reset reset, Out* spikes, Acc* v_final, int64_t* step_counts,
                 int32_t* neuron_counts, int num_threads) {
   const bool parallel = shape.T * shape.N >= kParallelMinWork && num_threads > 1;
-  const int64_t share = parallel ? (shape.N + num_threads - 1) / num_threads : shape.N;
-  const int64_t span =
-      std::min(kForwardSpan, std::max(kForwardBlock, (share + kForwardBlock - 1) / kForwardBlock * kForwardBlock));
-  const int64_t num_spans = (shape.N + span - 1) / span;
   const bool th_scalar = v_th.len == 1;
+  const int64_t max_span = std::min(kForwardSpan, shape.N);
   std::fill(step_counts, step_counts + shape.T, 0);
 #pragma omp parallel num_threads(num_threads) if (parallel)
   {
+    const int tid = omp_get_thread_num(), threads = omp_get_num_threads();
+    const SpanCuts cuts(shape.N, spikes, sizeof(Out), threads);
     std::vector<int64_t> my_step_counts(shape.T, 0);  // per thread: no atomics in the loop
-    std::vector<Acc> th(th_scalar ? 1 : span);
-    std::vector<uint8_t> count(span);
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < num_spans; ++b) {
-      const int64_t j0 = b * span;
-      const int64_t n = std::min(span, shape.N - j0);
-      Acc* v = v_final + j0;
-      for (int64_t j = 0; j < n; ++j) v[j] = v_init.at(j0 + j);
-      if (th_scalar) {
-        th[0] = v_th.at(0);
-      } else {
-        for (int64_t j = 0; j < n; ++j) th[j] = v_th.at(j0 + j);
+    std::vector<Acc> th(th_scalar ? 1 : max_span);
+    std::vector<uint8_t> count(max_span);
+    const int64_t hi = cuts.share_start(tid + 1, threads);
+    for (int64_t r0 = cuts.share_start(tid, threads), r1 = 0; r0 < hi; r0 = r1) {
+      const Span span = cuts.span_at(r0, hi, r1);
+      for (int r = 0, c = 0; r < 2; c += span.n[r++]) {
+        const int64_t j0 = span.j[r], n = span.n[r];
+        for (int64_t i = 0; i < n; ++i) v_final[j0 + i] = v_init.at(j0 + i);
+        if (!th_scalar) {
+          for (int64_t i = 0; i < n; ++i) th[c + i] = v_th.at(j0 + i);
+        }
+        if (neuron_counts) std::fill(neuron_counts + j0, neuron_counts + j0 + n, 0);
       }
-      if (neuron_counts) std::fill(neuron_counts + j0, neuron_counts + j0 + n, 0);
-      std::fill(count.begin(), count.begin() + n, uint8_t{0});
-      const auto args = std::make_tuple(x, std::cref(shape), j0, n, th.data(), v_reset, v, count.data(),
-                                        neuron_counts, spikes, my_step_counts.data());
+      if (th_scalar) th[0] = v_th.at(0);
+      std::fill(count.begin(), count.begin() + (r1 - r0), uint8_t{0});
+      const auto args = std::make_tuple(x, std::cref(shape), std::cref(span), th.data(), v_reset, v_final,
+                                        count.data(), neuron_counts, spikes, my_step_counts.data());
       if (reset == Reset::kHard) {
         th_scalar ? std::apply(forward_span<true, true, In, Out, Acc>, args)
                   : std::apply(forward_span<true, false, In, Out, Acc>, args);

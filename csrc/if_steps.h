@@ -19,18 +19,25 @@ namespace detail {
 // 2 threads, 26.0–28.1 → 24.8–26.5 (plain copy 18.9–19.1); into fresh 4 KB pages no clear change.
 constexpr int kStepUnroll = 4;
 constexpr int64_t kForwardBlock = 4096;
-// The most neurons if_forward walks together, U steps per pass over all of them: 2 MiB of each
-// fp32 spike row, one huge page. A fresh output page is zeroed by the OS at its first touch; the
-// span walk writes the rest of that row's page right after (the zeroed lines still in cache, as
-// `clone` does), where walking all T steps of 4096 neurons at a time finished each page 128
-// blocks later, its zeroed lines long written back to memory and read again. The span's membrane
-// (2 MiB, in v_final) and byte counts (512 KiB) stay in L2/L3, and a scalar threshold is not
-// copied per neuron. C++ model, T = 32 × 2M fp32, 2 threads, fresh huge pages, interleaved
-// medians: 24.6–27.8 ms for the 4096-neuron walk, 20.5–21.3 for the span walk, 17.9–19.7 for a
-// plain copy (it needs the L3 free: the VM's neighbours share it). The C++ call, one thread,
-// in cache: T = 32 × 65,536 fp32 595–653 → 353–396 µs; T = 7 × 65,536 112–139 → 74–77 µs
-// (README, Performance).
+// The most neurons if_forward walks together, a few steps per pass over all of them: 2 MiB of
+// each fp32 spike row, one huge page. A fresh output page is zeroed by the OS at its first touch;
+// the span walk writes the rest of that row's page right after (the zeroed lines still in cache,
+// as `clone` does), where walking all T steps of 4096 neurons at a time finished each page 128
+// blocks later, its zeroed lines long written back to memory and read again (SpanCuts aligns the
+// spans to the pages). The span's membrane (2 MiB, in v_final) and byte counts (512 KiB) stay in
+// L2/L3, and a scalar threshold is not copied per neuron. C++ model, T = 32 × 2M fp32, 2 threads,
+// fresh huge pages, interleaved medians: 24.6–27.8 ms for the 4096-neuron walk, 20.5–21.3 for the
+// span walk, 17.9–19.7 for a plain copy. The C++ call, one thread, in cache, minimum of 200–600
+// calls: T = 32 × 65,536 fp32 595–653 µs (4096-neuron walk) → 353–396 (spans, four steps per
+// pass) and, in another run, 387–416 → 287–364 (two steps per pass); T = 32 × 8192 67–77 → 45–52
+// → 40–45 µs (README, Performance).
 constexpr int64_t kForwardSpan = int64_t{1} << 19;
+// Steps per pass of the span walk: two rows of the span in and out per pass (4 MiB of fresh pages
+// per thread at fp32), which the shared L3 keeps hot when neighbours crowd it (C++ model, fresh huge
+// pages, 2 threads, a slow run: 21.3–22.4 ms with two, 24.2–26.4 with four, a plain copy 19.2–19.9).
+constexpr int kSpanSteps = 2;
+// The huge page size the span walk aligns to (x86-64 and arm64 Linux THP).
+constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
 
 // A block's starting state: thresholds and initial membranes of neurons [j0, j0 + n), counts 0.
 template <typename Acc>
