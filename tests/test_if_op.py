@@ -80,6 +80,37 @@ def test_several_spans_per_thread(backend, threads, v_reset):
     assert_if_same(out, _reference(x, **kwargs))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_spans_at_every_offset_from_a_huge_page(threads):
+    """The C++ forward cuts the neurons at the 2 MiB boundaries of the spike tensor, in an order
+    that starts at the first boundary and wraps around (csrc/if_kernel.cpp, SpanCuts): every
+    offset of the spikes from a boundary must give the reference's outputs (0: no wrap; 1 float:
+    a one-neuron run at the end of the wrap; 524,287: a one-neuron run at its start). Calls the
+    entry point directly, since the op allocates its spikes wherever the allocator puts them."""
+    from rnl_fast.ops._backend import cpp, cpp_dtype, cpp_reset
+
+    T, N, page = 5, 1_100_001, (2 << 20) // 4
+    x = _current(T, N)
+    v_th, v_init = torch.rand(N) + 0.4, torch.randn(N) * 0.3
+    expected = _reference(x, v_th=v_th, v_init=v_init)
+    for offset in (0, 1, 1024, 300_000, page - 1):
+        buffer = torch.full((T * N + 2 * page,), 7.0)
+        start = (page - buffer.data_ptr() // 4 % page) % page + offset
+        spikes = buffer[start : start + T * N].view(T, N)
+        v, steps = torch.empty(N), torch.empty(T, dtype=torch.int64)
+        counts = torch.full((N,), 99, dtype=torch.int32)
+        cpp().if_forward(
+            x=x.data_ptr(), x_len=x.numel(), dtype=cpp_dtype(x.dtype), T=T, N=N, t_stride=N,
+            v_th=v_th.data_ptr(), v_th_len=N, v_init=v_init.data_ptr(), v_init_len=N, v_reset=0.0,
+            reset=cpp_reset(False), spikes=spikes.data_ptr(), spikes_len=spikes.numel(),
+            spike_dtype=cpp_dtype(spikes.dtype), v_final=v.data_ptr(), v_final_len=N,
+            step_counts=steps.data_ptr(), step_counts_len=T, neuron_counts=counts.data_ptr(),
+            neuron_counts_len=N, num_threads=threads,
+        )  # fmt: skip
+        assert_if_same(IFResult(spikes, v, steps, counts), expected)
+        assert torch.equal(counts, expected.spikes.sum(0).int())
+
+
 def test_per_channel_threshold_and_membrane(backend):
     x = _current(11, 4, 3, 5)
     v_th = torch.rand(3, 1) + 0.3  # per channel, broadcast over the last dim
