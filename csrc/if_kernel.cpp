@@ -22,7 +22,6 @@ using detail::kForwardBlock;
 using detail::kForwardSpan;
 using detail::kHugePage;
 using detail::kSpanSteps;
-using detail::kStepUnroll;
 // The backward keeps T × block membranes in a thread-local scratch: the block is as wide as fits
 // kBackwardScratch bytes (a core's L2), between 64 and kBackwardMaxBlock neurons. (Backward op,
 // fp32 on 2 cores, median: T = 32 × 2M 35.7 ms with fixed 256-neuron blocks, 25.5 ms now;

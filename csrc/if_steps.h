@@ -9,14 +9,16 @@
 namespace rnl_fast {
 namespace detail {
 
-// Steps per pass of forward_steps (see there), and the neurons of one forward_steps call: the
-// block of a pooled forward task keeps them in block-local arrays (membrane, threshold, count:
-// 48 KB, L1/L2). Four steps, not eight: a pass reads U rows of x and writes U rows of spikes,
-// 2·U streams of 16 KB each that the hardware prefetchers must pick up before the walk moves on,
-// and with eight GCC also ran out of vector registers for the row pointers (spilled to xmm). C++
-// model of the forward, T = 32 × 2M fp32, medians of interleaved runs: into a warm output 27.7 →
-// 22.1 ms on 1 thread (memcpy 19.1), 20.5 → 15.7 on 2 (plain copy 17.4); into fresh huge pages,
-// 2 threads, 26.0–28.1 → 24.8–26.5 (plain copy 18.9–19.1); into fresh 4 KB pages no clear change.
+// Steps per pass of the pooled forward's walk (if_pool_kernel.cpp: all T steps of a block of
+// neurons; if_forward's span walk takes kSpanSteps), and the neurons of one forward_steps call: a
+// pooled forward task keeps them in block-local arrays (membrane, threshold, count: 48 KB, L1/L2).
+// Measured on that walk, when if_forward used it too: four steps, not eight: a pass reads U rows of
+// x and writes U rows of spikes, 2·U streams of 16 KB each that the hardware prefetchers must pick
+// up before the walk moves on, and with eight GCC also ran out of vector registers for the row
+// pointers (spilled to xmm). C++ model of the forward, T = 32 × 2M fp32, medians of interleaved
+// runs: into a warm output 27.7 → 22.1 ms on 1 thread (memcpy 19.1), 20.5 → 15.7 on 2 (plain copy
+// 17.4); into fresh huge pages, 2 threads, 26.0–28.1 → 24.8–26.5 (plain copy 18.9–19.1); into fresh
+// 4 KB pages no clear change.
 constexpr int kStepUnroll = 4;
 constexpr int64_t kForwardBlock = 4096;
 // The most neurons if_forward walks together, a few steps per pass over all of them: 2 MiB of
