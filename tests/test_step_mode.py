@@ -117,8 +117,9 @@ def test_converted_network_ignores_step_mode(backend):
         rnl_fast.RateNorm(),
         nn.Linear(5, 3),  # plain neurons
     )
-    with torch.no_grad():
-        ann[4].bias.fill_(0.6)  # the plain neurons spike
+    with torch.no_grad():  # both kinds of neurons spike in 5 steps, whatever the random weights
+        ann[0].bias.fill_(0.6)
+        ann[4].bias.fill_(0.6)
     snn = rnl_fast.convert(ann, "rnl")
     x = torch.rand(2, 1, 8, 8)
     before = snn(x, 5)
