@@ -17,6 +17,7 @@ from ._backend import backend_for, cpp, cpp_reset, threads, triton
 from ._checks import check_bool, check_if_input, check_number, check_v_reset, neuron_param
 from ._if_io import ForwardIO, IFResult, fake_state_outputs, if_result
 from ._library import custom_op
+from ._pages import advise_huge_pages
 from .layout import logical, neuron_order, pool_geometry, pool_out_size
 
 
@@ -35,6 +36,7 @@ def _if_pool_forward(
     _, pooled_shape, (planes, H, W, inner) = pool_geometry(x, io.order, ceil_mode)
     T = x.shape[0]
     pooled = torch.empty((T, math.prod(pooled_shape)), dtype=x.dtype, device=x.device)
+    advise_huge_pages(pooled)
     if backend_for(x) == "triton":
         triton(x.device.type == "cpu").if_fwd_pool2x2(
             io.x2,
