@@ -16,28 +16,36 @@ from .groups import sizes_for
 
 
 @functools.cache  # torch read the variable at start-up: the answer holds for the whole process
-def thp_status() -> str:
-    """Whether fresh large CPU tensors get transparent huge pages.
+def torch_huge_pages() -> bool | None:
+    """Whether torch gives fresh large CPU tensors transparent huge pages (None: cannot tell).
 
     ``THP_MEM_ALLOC_ENABLE=1`` is read by torch when it starts, so it is tested here by its effect:
     the huge pages backing a fresh 64 MiB tensor (above glibc's largest mmap threshold, so it
-    is a fresh mapping, never reused heap).
+    is a fresh mapping, never reused heap). Our kernels' own outputs ask for huge pages either way
+    (``RNL_FAST_HUGE_PAGES``); this is about everyone else's, ``clone``'s among them.
     """
+    try:
+        before = _smaps_huge_kb()
+        probe = torch.empty(2**24, dtype=torch.float32).fill_(1.0)
+        huge_kb = _smaps_huge_kb() - before
+        del probe
+    except (OSError, AttributeError):
+        return None
+    return huge_kb > 0
+
+
+def thp_status() -> str:
+    """Whether fresh large CPU tensors get transparent huge pages, as a line to print."""
     requested = os.environ.get("THP_MEM_ALLOC_ENABLE", "unset")
     try:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
             mode = re.search(r"\[(\w+)\]", f.read()).group(1)
     except (OSError, AttributeError):
         mode = "unknown"
-    try:
-        before = _smaps_huge_kb()
-        probe = torch.empty(2**24, dtype=torch.float32).fill_(1.0)
-        huge_kb = _smaps_huge_kb() - before
-        del probe
-        effect = f"huge pages {'ON' if huge_kb > 0 else 'OFF'} for fresh tensors"
-    except (OSError, AttributeError):
-        effect = "huge-page use unknown"
-    return f"THP_MEM_ALLOC_ENABLE={requested}, kernel THP mode [{mode}]: {effect}"
+    on = torch_huge_pages()
+    effect = "huge-page use unknown" if on is None else f"huge pages {'ON' if on else 'OFF'} for fresh tensors"
+    ours = os.environ.get("RNL_FAST_HUGE_PAGES", "1")
+    return f"THP_MEM_ALLOC_ENABLE={requested}, kernel THP mode [{mode}]: {effect}; RNL_FAST_HUGE_PAGES={ours}"
 
 
 def _smaps_huge_kb() -> int:
