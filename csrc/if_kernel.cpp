@@ -58,19 +58,28 @@ struct Span {
 
 // One span, all T steps: kSpanSteps steps per pass over the whole span (each run in kForwardBlock
 // pieces, see forward_steps), the membrane in v_final, thresholds (unless one for all) and spike
-// counts in span-local arrays indexed in span order; the counts are bytes, added into
-// neuron_counts (if wanted) before they could wrap.
+// counts in span-local arrays indexed in span order; the counts are bytes, stored into
+// neuron_counts (if wanted) at the first flush and added at later ones, before they could wrap
+// (the first flush stores: neuron_counts, a fresh output, is then written once, not zeroed first).
 template <bool HARD, bool TH_SCALAR, typename In, typename Out, typename Acc>
 void forward_span(const In* x, const IFShape& shape, const Span& span, const Acc* th, Acc v_reset, Acc* v_final,
                   uint8_t* count, int32_t* neuron_counts, Out* spikes, int64_t* step_counts) {
   const int64_t x_stride = shape.t_stride, s_stride = shape.N, n = span.n[0] + span.n[1];
   int since_flush = 0;  // steps counted in `count` since it was last added to neuron_counts
+  bool flushed = false;
   auto flush = [&] {
     if (neuron_counts) {
       for (int r = 0, c = 0; r < 2; c += span.n[r++]) {
-        for (int64_t i = 0; i < span.n[r]; ++i) neuron_counts[span.j[r] + i] += count[c + i];
+        int32_t* out = neuron_counts + span.j[r];
+        const uint8_t* in = count + c;
+        if (flushed) {
+          for (int64_t i = 0; i < span.n[r]; ++i) out[i] += in[i];
+        } else {
+          for (int64_t i = 0; i < span.n[r]; ++i) out[i] = in[i];
+        }
       }
     }
+    flushed = true;
     std::fill(count, count + n, uint8_t{0});
     since_flush = 0;
   };
@@ -156,7 +165,6 @@ void if_forward(const In* x, IFShape shape, NeuronParam<Acc> v_th, NeuronParam<A
         if (!th_scalar) {
           for (int64_t i = 0; i < n; ++i) th[c + i] = v_th.at(j0 + i);
         }
-        if (neuron_counts) std::fill(neuron_counts + j0, neuron_counts + j0 + n, 0);
       }
       if (th_scalar) th[0] = v_th.at(0);
       std::fill(count.begin(), count.begin() + (r1 - r0), uint8_t{0});
