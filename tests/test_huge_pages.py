@@ -125,12 +125,14 @@ print(json.dumps(report))
 @linux_only
 @pytest.mark.skipif(_thp_mode() is None, reason="this kernel has no transparent huge pages")
 @pytest.mark.skipif(os.environ.get("THP_MEM_ALLOC_ENABLE") == "1", reason="torch asks for huge pages itself")
-def test_fresh_outputs_land_on_huge_pages():
+def test_fresh_outputs_land_on_huge_pages(tmp_path):
     """In a fresh process (this one's allocator may hand out heap blocks whose pages are in place,
     advised or not by earlier tests), each op's large output is advised (VmFlags ``hg``) and,
     where the kernel's THP mode allows, backed by huge pages; with the switch off it is neither."""
     env = {k: v for k, v in os.environ.items() if k not in ("RNL_FAST_HUGE_PAGES", "RNL_FAST_BACKEND")}
-    done = subprocess.run([sys.executable, "-c", FRESH_PROCESS], env=env, capture_output=True, text=True, check=False)
+    done = subprocess.run(  # not from the repository root, where `-c` would import the unbuilt sources
+        [sys.executable, "-c", FRESH_PROCESS], env=env, cwd=tmp_path, capture_output=True, text=True, check=False
+    )
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     offered = _thp_mode() in ("always", "madvise")
