@@ -9,8 +9,12 @@ transparent huge pages on request (``/sys/kernel/mm/transparent_hugepage/enabled
 interior of an output before the kernel touches it: 512 times fewer faults.
 
 It is a hint about one tensor's memory, not an allocator setting: the tensor is allocated as usual
-(the same allocator, size and layout) and other tensors are not touched. It is what torch's own
-``THP_MEM_ALLOC_ENABLE=1`` does for every tensor of 2 MB or more. ``RNL_FAST_HUGE_PAGES=0`` turns
+(the same allocator, size and layout), and what it advises is the address range of that tensor.
+Where the allocator keeps freed memory for reuse (glibc's heap, and every block under
+:func:`rnl_fast.reuse_freed_memory`), the advice stays on the range, so a later tensor placed there
+may get huge pages too; a block glibc mapped afresh (over 32 MB by default) goes back to the OS
+with its advice. It is what torch's own ``THP_MEM_ALLOC_ENABLE=1`` does for every tensor of 2 MB
+or more. ``RNL_FAST_HUGE_PAGES=0`` turns
 it off (for instance where the kernel's THP defragmentation makes faults stall on a fragmented
 host); with ``enabled`` set to ``never`` it has no effect, with ``always`` the pages were huge anyway.
 """
