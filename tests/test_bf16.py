@@ -62,6 +62,19 @@ def test_bf16_network_keeps_float32_thresholds_and_its_contract(method, options)
     assert torch.corrcoef(pair)[0, 1] > 0.95
 
 
+def test_a_fresh_bf16_network_takes_float32_images_on_its_first_call():
+    """The chunk size comes from one shape pass per image shape, cached on the network: a network
+    cast to bf16 before any call must run that pass in bf16 too (it fed the float32 images to bf16
+    convolutions and failed; the test above warms the cache in float32 first)."""
+    x = torch.rand(4, 1, 28, 28)
+    low = _converted("rnl").to(torch.bfloat16)
+    given_chunk = copy.deepcopy(low)  # skips the shape pass
+    assert low.chunk_size(x, T) >= 1
+    out = low(x, T)
+    assert out.dtype == torch.float32 and out.shape[:2] == (T, 4)
+    assert torch.equal(given_chunk(x, T, T), out)
+
+
 def test_the_if_kernels_integrate_bf16_input_in_float32(backend):
     """0.001 per step: a bf16 membrane would stall near 0.5 (its spacing there is 2⁻⁸ ≈ 0.0039 >
     0.001) and never fire; float32 integration reaches θ = 1 after ~1000 steps."""

@@ -354,8 +354,8 @@ class SpikingNetwork(nn.Module):
         key = tuple(x.shape[1:])
         if key not in self._activation_bytes_per_image:
             shapes = _Shapes(_ann_view(self.graph_module))
-            with torch.no_grad():
-                shapes.run(x[:1])
+            with torch.no_grad():  # in the layers' dtype: snn.to(torch.bfloat16) takes float32 images
+                shapes.run(x[:1].to(self.dtype))
             self._activation_bytes_per_image[key] = shapes.largest * 4
         return self._activation_bytes_per_image[key] * x.shape[0]
 
