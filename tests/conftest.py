@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -71,3 +72,16 @@ def poisoned_allocations(monkeypatch):
                 monkeypatch.setattr(torch, name, fn)
 
     return poisoned
+
+
+@pytest.fixture
+def ctrl_c_as_in_a_terminal():
+    """SIGINT handled as Python does in a terminal (KeyboardInterrupt), here and in the children
+    this test starts, restored afterwards. A shell starts a background job (``.ci/test &``) with
+    SIGINT ignored, and Python then keeps it ignored: a Ctrl-C test would see nothing arrive.
+    Yields the ``preexec_fn`` that gives a child process the default action back."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -363,7 +363,7 @@ def test_flipped_checkpoint_is_refused_by_evaluate(capsys, tmp_path, trained):
     _one_line_exit_2(_run(capsys, *argv), f"checkpoint {path} is corrupt", "checksum")
 
 
-def test_ctrl_c_says_which_epoch_is_saved_and_how_to_continue(tmp_path):
+def test_ctrl_c_says_which_epoch_is_saved_and_how_to_continue(tmp_path, ctrl_c_as_in_a_terminal):
     """SIGINT in the middle of a run: exit 130, and one line saying what the checkpoint holds and
     that --resume continues; the file holds that epoch, and --resume does continue it."""
     import signal
@@ -375,7 +375,14 @@ def test_ctrl_c_says_which_epoch_is_saved_and_how_to_continue(tmp_path):
 
     out = tmp_path / "run.pt"
     argv = [sys.executable, "-m", "rnl_fast.cli", "train", "--epochs", "50", "--out", str(out), *_TINY]
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    process = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        preexec_fn=ctrl_c_as_in_a_terminal,
+    )
     deadline = time.monotonic() + 240
     while not out.exists() and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.1)

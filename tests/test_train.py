@@ -530,7 +530,7 @@ def test_ctrl_c_reports_what_the_checkpoint_holds(tmp_path: Path, splits) -> Non
 
 
 def test_ctrl_c_during_a_checkpoint_write_waits_for_the_file(
-    tmp_path: Path, splits, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, splits, monkeypatch: pytest.MonkeyPatch, ctrl_c_as_in_a_terminal
 ) -> None:
     """SIGINT arriving while the checkpoint is written: the write completes, then training stops,
     and the report names the epoch just written (not the one before)."""
