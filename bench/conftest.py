@@ -50,6 +50,18 @@ def _before_e2e(device: str) -> None:
         reuse_freed_memory()
 
 
+def _time_in_alternation(measurement: benchlib.Measurement, case: Any) -> None:
+    """Times the case and each baseline its targets want alternated with (``Target.alternate``),
+    call after call, for the round budget; the figures go to ``measurement.alternated``."""
+    for baseline in benchlib.alternated_baselines(measurement.group, measurement.device, measurement.impl):
+        try:
+            other = CASES.build(measurement.group, baseline, measurement.device)
+        except benchlib.Unavailable:
+            continue  # the target says n/a, as when the baseline's own test skips
+        budget = ROUND_BUDGET_S[measurement.device]
+        measurement.alternated[baseline] = benchlib.time_alternating(case.run, other.run, budget)
+
+
 @pytest.fixture
 def bench(benchmark: Any) -> Callable[[str, str, str], None]:
     """``bench(device, group, impl)``: measures one case and keeps its figures for the tables."""
@@ -66,6 +78,8 @@ def bench(benchmark: Any) -> Callable[[str, str, str], None]:
         try:
             case = CASES.build(group, impl, device)
             measurement = benchlib.measure_case(case, time_rounds, ROUND_BUDGET_S[device])
+            if measurement.median_s:  # not under --benchmark-disable
+                _time_in_alternation(measurement, case)
         except benchlib.Unavailable as reason:
             RESULTS.add(benchlib.skipped(benchlib.GROUPS_BY_NAME[group], impl, device, str(reason)))
             pytest.skip(str(reason))

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -96,19 +95,6 @@ class BackgroundLoad:
             process.wait()
 
 
-def alternate(ours, baseline, seconds: float, min_calls: int = 5) -> tuple[float, float, int]:
-    """Calls ours, then the baseline, again and again for about ``seconds``; their median seconds."""
-    ours(), baseline()  # warm: caches, thread pools
-    times: tuple[list[float], list[float]] = ([], [])
-    end = time.monotonic() + seconds
-    while len(times[0]) < min_calls or time.monotonic() < end:
-        for run, spent in ((ours, times[0]), (baseline, times[1])):
-            start = time.perf_counter()
-            run()
-            spent.append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1]), len(times[0])
-
-
 def parse_loads(text: str) -> list[str]:
     loads = [part.strip() for part in text.split(",") if part.strip()]
     for load in loads:
@@ -133,7 +119,7 @@ def measure(loads: list[str], scales: list[str], groups: list[str], seconds: flo
         busy = benchlib.usable_cores() if load == "all" else int(load)
         with BackgroundLoad(busy, seconds * len(cases) * 3 + 60, kind):
             for (group, scale), (ours, base) in cases.items():
-                ours_s, base_s, calls = alternate(ours.run, base.run, seconds)
+                ours_s, base_s, calls = benchlib.time_alternating(ours.run, base.run, seconds)
                 row = Row(group, scale, load, busy, ours.shape, ours_s * 1e3, base.impl, base_s * 1e3, calls)
                 rows.append(row)
                 print(

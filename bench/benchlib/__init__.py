@@ -35,9 +35,11 @@ from .measure import (
     ms_text,
     skipped,
     synced,
+    time_alternating,
 )
 from .profile import profile_e2e
 from .tables import e2e_summary, group_tables, summary_table
+from .targets import alternated_baselines
 
 # SpikingJelly 2.0's IFNode has no ``backend=`` argument: it dispatches by device, and on CUDA
 # reads its implementation (auto | cuda | triton | torch) from this variable when it is imported
@@ -55,6 +57,7 @@ __all__ = [
     "Measurement",
     "Results",
     "Unavailable",
+    "alternated_baselines",
     "bench_scale",
     "case_params",
     "copy_bandwidth_gbps",
@@ -72,5 +75,6 @@ __all__ = [
     "synced",
     "thp_status",
     "threading_line",
+    "time_alternating",
     "usable_cores",
 ]

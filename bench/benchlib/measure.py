@@ -117,6 +117,24 @@ def time_on_host(run: Callable[[], Any], rounds: int, call_s: float = 0.0) -> tu
     return statistics.median(seconds), rounds
 
 
+def time_alternating(
+    subject: Callable[[], Any], baseline: Callable[[], Any], seconds: float, min_calls: int = 5
+) -> tuple[float, float, int]:
+    """Calls ``subject``, then ``baseline``, again and again for about ``seconds`` (at least
+    ``min_calls`` each), after one warm-up call of each: (median seconds of subject, of baseline,
+    calls of each). Both see the machine in the same moments: a slow spell of the host (seconds
+    long on a shared VM) slows both, where timing one after the other would charge it to one."""
+    subject(), baseline()
+    times: tuple[list[float], list[float]] = ([], [])
+    end = time.monotonic() + seconds
+    while len(times[0]) < min_calls or time.monotonic() < end:
+        for run, spent in ((subject, times[0]), (baseline, times[1])):
+            start = time.perf_counter()
+            run()
+            spent.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1]), len(times[0])
+
+
 def time_on_cuda(run: Callable[[], Any], rounds: int, call_s: float) -> tuple[float, int]:
     """Median seconds of one call by ``triton.testing.do_bench`` (a :data:`Timer`): it warms up,
     flushes the L2 cache before each call and times each call by CUDA events, with no host sync
@@ -163,6 +181,9 @@ class Measurement:
     note: str = ""  #: why there is no figure (skipped baseline, error)
     steps: int = 0  #: T of an end-to-end case (0 elsewhere)
     chunk: int | None = None  #: steps per chunk of an end-to-end case (None: the engine's choice)
+    #: baseline impl → (median seconds of this case, of the baseline, calls of each) timed in
+    #: alternation (:func:`time_alternating`), for the targets that ask for it (``Target.alternate``)
+    alternated: dict[str, tuple[float, float, int]] = field(default_factory=dict)
 
     @property
     def gbps(self) -> float | None:
