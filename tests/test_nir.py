@@ -141,6 +141,37 @@ def test_to_nir_refuses_what_is_not_a_converted_network():
         rnl_fast.to_nir(snn, torch.rand(1, 1, 28, 28), dt=0.0)
 
 
+def test_an_example_input_that_does_not_fit_is_named_in_one_line():
+    """The shape pass is the simulator's: its one-line error, with the argument's name (fx's
+    ShapeProp raised a RuntimeError with the graph dumped into it)."""
+    snn = _converted("cnn7", "rnl", (8, 1, 28, 28))
+    with pytest.raises(ValueError, match=r"^example_input of shape \[B, 3, 28, 28\] does not fit the network") as info:
+        rnl_fast.to_nir(snn, torch.rand(2, 3, 28, 28))
+    assert "\n" not in str(info.value) and "expected input[1, 3, 28, 28] to have 1 channels" in str(info.value)
+    with pytest.raises(ValueError, match=r"^x of shape \[B, 3, 28, 28\] does not fit"):  # the simulator's own
+        snn(torch.rand(2, 3, 28, 28), 2)
+
+
+def test_a_bf16_network_exports_its_weights_widened_to_float32(tmp_path):
+    """numpy has no bf16: the weights go out as the float32 values of the bf16 ones (exact), and
+    the shape pass runs in bf16 (float32 images through bf16 convolutions failed)."""
+    import copy
+
+    snn = _converted("cnn7", "rnl", (8, 1, 28, 28))
+    x = torch.rand(2, 1, 28, 28)
+    full, low = rnl_fast.to_nir(snn, x), rnl_fast.to_nir(copy.deepcopy(snn).to(torch.bfloat16), x)
+    assert sorted(full.nodes) == sorted(low.nodes)
+    weighted = [name for name, node in full.nodes.items() if hasattr(node, "weight")]
+    assert weighted
+    for name in weighted:
+        ours, theirs = low.nodes[name].weight, full.nodes[name].weight
+        assert ours.dtype == np.float32
+        np.testing.assert_array_equal(ours, torch.from_numpy(theirs).bfloat16().float().numpy())
+        assert not np.array_equal(ours, theirs)  # rounded: the bf16 network's own weights
+    nir.write(tmp_path / "low.nir", low)
+    assert rnl_fast.from_nir(tmp_path / "low.nir")(x, 4).shape == (4, 2, 10)
+
+
 def test_to_nir_names_the_part_it_cannot_export():
     # preact_resnet's BatchNorm after each residual addition stays a module (nothing to fold into).
     snn = rnl_fast.convert(_warm_up(models.preact_resnet18("rnl", in_channels=1, input_size=8), (4, 1, 8, 8)), "rnl")

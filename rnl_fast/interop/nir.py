@@ -57,7 +57,7 @@ try:
 except ImportError as error:  # pragma: no cover - exercised only without the extra
     raise ImportError("rnl_fast.to_nir / from_nir need the nir package: pip install 'rnl_fast[nir]'") from error
 
-from ..simulation.network import AvgPool2x2, SpikingNetwork, SpikingNeurons, _ann_view
+from ..simulation.network import AvgPool2x2, SpikingNetwork, SpikingNeurons, _ann_view, _Shapes
 
 #: Metadata keys (the prefix keeps them apart from other tools' keys).
 RESET = "rnl_fast.reset"
@@ -145,19 +145,12 @@ def to_nir(snn: SpikingNetwork, example_input: Tensor, dt: float = 1.0) -> nir.N
 def _shapes(snn: SpikingNetwork, example_input: Tensor) -> dict[str, tuple[int, ...]]:
     """fx node name → shape of its value for one image (no batch dim), the neuron layers' values
     being their inputs' (a fused pool's output is the pool node's, added by the export)."""
-    from torch.fx.passes.shape_prop import ShapeProp
-
     if not isinstance(example_input, Tensor) or example_input.dim() < 2:
         raise ValueError("example_input must be a batch tensor [B, *shape]")
-    view = _ann_view(snn.graph_module)
-    with torch.no_grad():
-        ShapeProp(view).propagate(example_input[:1].float())
-    shapes = {}
-    for node in view.graph.nodes:
-        meta = node.meta.get("tensor_meta")
-        if hasattr(meta, "shape"):
-            shapes[node.name] = tuple(int(d) for d in meta.shape[1:])
-    return shapes
+    shapes = _Shapes(_ann_view(snn.graph_module), what="example_input")
+    with torch.no_grad():  # in the layers' dtype, as the network casts its images
+        shapes.run(example_input[:1].to(snn.dtype))
+    return shapes.shapes
 
 
 def _is_plain_add(node: fx.Node) -> bool:
@@ -273,7 +266,10 @@ def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
 
 
 def _array(t: Tensor) -> np.ndarray:
-    return t.detach().cpu().numpy().copy()
+    """``t`` as a numpy array of its dtype; bf16 (which numpy lacks, a network after
+    ``snn.to(torch.bfloat16)``) widened to float32, exactly."""
+    t = t.detach().cpu()
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy().copy()
 
 
 def _broadcast(value: float | Tensor, shape: tuple[int, ...]) -> np.ndarray:

@@ -420,13 +420,16 @@ class SpikingNetwork(nn.Module):
 
 
 class _Shapes(fx.Interpreter):
-    """Runs a graph on one image and keeps the element count of its largest tensor; an input that
-    does not fit the network fails with one line naming the input's shape and the node."""
+    """Runs a graph on one image and keeps each node's tensor shape without the batch dim
+    (``shapes``, by node name) and the element count of its largest tensor (``largest``); an input
+    that does not fit the network fails with one line naming the input's shape and the node."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, what: str = "x") -> None:
         super().__init__(gm)
+        self.what = what  #: the argument's name in the error message
         self.extra_traceback = False  # else fx appends the graph to the message of run_node's error
         self.largest = 0
+        self.shapes: dict[str, tuple[int, ...]] = {}
 
     def run_node(self, n: fx.Node):
         try:
@@ -434,11 +437,12 @@ class _Shapes(fx.Interpreter):
         except Exception as error:  # torch raises many types; what the user needs is where and why
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ValueError(
-                f"x of shape [B, {', '.join(map(str, self.args_shape))}] does not fit the network: "
+                f"{self.what} of shape [B, {', '.join(map(str, self.args_shape))}] does not fit the network: "
                 f"node '{n.name}' ({n.op} {n.target}) failed: {reason}"
             ) from error
         if isinstance(result, Tensor):
             self.largest = max(self.largest, result.numel())
+            self.shapes[n.name] = tuple(int(d) for d in result.shape[1:])
         return result
 
     def run(self, x: Tensor):  # type: ignore[override]
