@@ -49,6 +49,12 @@ inline Acc backward_element(const In* __restrict grad_r, Acc grad_sum_r, Acc gra
   const Acc upstream = HAS_GRAD_R ? load<Acc>(grad_r + i) : Acc(0);
   const Acc g = SUM_R2 ? upstream + grad_sum_r + Acc(2) * rate * grad_sum_r2 : upstream + grad_sum_r + Acc(0);
   store(grad_x + i, inside ? g / theta : Acc(0));
+  if constexpr (QUANT) {
+    // The reference's chain through the straight-through floor: −g_w·(u/θ), g_w = g inside the
+    // window and 0 outside it, where 0·(u/θ) is NaN when u/θ is: x = ±inf (or u/θ overflowing)
+    // makes dL/draw_p NaN, as x = NaN does (it gave a finite value that skipped the element).
+    return -(inside ? g : Acc(0)) * (u / theta);
+  }
   return inside ? -g * u / theta : (u != u ? u : Acc(0));
 }
 

@@ -241,12 +241,17 @@ def _rate_norm_bwd_kernel(
     grad_x = tl.where(inside, grad / theta, 0.0)
     tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=in_range)
     # θ = sigmoid(raw_p)·running_max + eps: chain rule to raw_p (the running max gets no gradient).
+    # Quantized: the reference's chain through the straight-through floor, −g_w·(u/θ) with g_w = 0
+    # outside the window, where 0·(u/θ) is NaN when u/θ is (x = ±inf): dL/draw_p NaN, as for NaN x.
+    if LEVELS > 0:
+        term = -tl.where(inside, grad, 0.0) * _div_ieee(u, theta)
+    else:
+        term = tl.where(inside, -grad * u / theta, tl.where(u != u, u, 0.0))
     if CHANNEL_WISE:  # dL/dp = Σ_c dL/dθ_c·running_max_c, taken element by element
-        outside = tl.where(u != u, u, 0.0)
-        grad_p = tl.sum(tl.where(inside, -grad * u / theta * running_max.to(compute_dtype), outside), axis=0)
+        grad_p = tl.sum(term * running_max.to(compute_dtype), axis=0)
         tl.store(partials_ptr + program, grad_p * p * (1.0 - p))
     else:
-        grad_theta = tl.sum(tl.where(inside, -grad * u / theta, tl.where(u != u, u, 0.0)), axis=0)
+        grad_theta = tl.sum(term, axis=0)
         tl.store(partials_ptr + program, grad_theta * running_max.to(compute_dtype) * p * (1.0 - p))
 
 

@@ -263,7 +263,10 @@ def rate_norm(
 
     NaN: a NaN element has a NaN rate, gradient 0, and makes the gradient of ``raw_p`` NaN
     through its term −g·clip(x)/θ² whatever the loss reads (a corrupt batch gives no finite step);
-    the kernels follow. The sums are float32 pairwise sums of the float32 rates (half inputs too).
+    the kernels follow. Quantized, so does an infinite x, or one whose x/θ overflows: the
+    straight-through floor passes 0·(x/θ)/θ back to θ outside the window, NaN there (plain, such
+    an x is clipped and dL/draw_p stays finite). The sums are float32 pairwise sums of the
+    float32 rates (half inputs too).
     """
     compute_dtype = compute_dtype_of(x.dtype)
     if training:

@@ -133,6 +133,28 @@ def test_rate_norm_nan_element_makes_grad_raw_p_nan(backend, loss, levels, chann
     assert grad_x[0, 1] == 0 and grad_x[0, 0] == clean_x[0, 0]
 
 
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("levels", [None, 4], ids=["plain", "quantized"])
+@pytest.mark.parametrize("channel_wise", [False, True], ids=["scalar", "channel-wise"])
+@pytest.mark.parametrize("special", [INF, -INF, 3e38], ids=["+inf", "-inf", "huge"])
+def test_rate_norm_infinite_element_grad_raw_p_as_the_reference(backend, loss, levels, channel_wise, special):
+    """Rule (the reference's chain, θ finite): plain, an infinite x is clipped to 0 or θ and
+    dL/draw_p stays finite; quantized, the straight-through floor passes 0·(x/θ)/θ back to θ, NaN
+    at x = ±inf (or where x/θ overflows: x = 3e38, θ ≈ 0.57), as at a NaN x. The element's own
+    gradient is 0. Catches a quantized kernel that skipped the element outside the window (it gave
+    a finite dL/draw_p) and one that poisoned the plain rate."""
+    x = torch.tensor([[0.5, special]])
+    running_max = torch.ones(2) if channel_wise else torch.tensor(1.0)
+    grad_x, grad_p = _rate_norm_grads(x, running_max, loss, channel_wise=channel_wise, levels=levels)
+    xr = x.clone().requires_grad_()
+    raw_p = torch.tensor(0.3, requires_grad=True)
+    loss(reference.rate_norm(xr, raw_p, running_max, 0.1, False, channel_wise, levels)).backward()
+    assert bool(torch.isnan(grad_p)) == bool(torch.isnan(raw_p.grad)) == (levels is not None)
+    if levels is None:
+        torch.testing.assert_close(grad_p, raw_p.grad)
+    assert grad_x[0, 1] == 0 and torch.equal(grad_x, xr.grad)
+
+
 @pytest.mark.parametrize("loss", [LOSSES[0], LOSSES[2]])
 @pytest.mark.parametrize("channel_wise", [False, True], ids=["scalar", "channel-wise"])
 def test_rate_norm_infinite_running_max(backend, loss, channel_wise):
