@@ -139,23 +139,22 @@ def _figure(
             return f"{ratio:.2f}x", target.value / ratio
     elif target.alternate and ours and target.baseline in ours.alternated:
         subject_s, baseline_s, calls = ours.alternated[target.baseline]
-        ratio = subject_s / baseline_s
+        figure, score = _time_ratio(target, subject_s / baseline_s)
         apart = ""
         if ours.median_s and base and base.median_s:
-            apart = f", {_ratio_text(target, ours.median_s / base.median_s)} from the two tests"
-        figure = f"{_ratio_text(target, ratio)} in alternation ({calls} calls each{apart})"
-        return figure, (target.value / ratio if target.kind == "time_at_most" else 1 / ratio / target.value)
+            apart = f", {_time_ratio(target, ours.median_s / base.median_s)[0]} from the two tests"
+        return f"{figure} in alternation ({calls} calls each{apart})", score
     elif ours and base and ours.median_s and base.median_s:
-        ratio = ours.median_s / base.median_s
-        if target.kind == "time_at_most":
-            return f"{ratio:.2f}x", target.value / ratio
-        return f"{1 / ratio:.2f}x", 1 / ratio / target.value
+        return _time_ratio(target, ours.median_s / base.median_s)
     return None, 0.0
 
 
-def _ratio_text(target: Target, ratio: float) -> str:
-    """t_subject / t_baseline as the target states it: as is (time_at_most) or inverted."""
-    return f"{ratio if target.kind == 'time_at_most' else 1 / ratio:.2f}x"
+def _time_ratio(target: Target, ratio: float) -> tuple[str, float]:
+    """``ratio`` = t_subject / t_baseline as the target states it (as is for time_at_most, inverted
+    for faster_by), and its score."""
+    if target.kind == "time_at_most":
+        return f"{ratio:.2f}x", target.value / ratio
+    return f"{1 / ratio:.2f}x", 1 / ratio / target.value
 
 
 def evaluate_target(target: Target, rows: dict[str, Measurement], copy_gbps: float | None) -> str:
