@@ -57,7 +57,7 @@ try:
 except ImportError as error:  # pragma: no cover - exercised only without the extra
     raise ImportError("rnl_fast.to_nir / from_nir need the nir package: pip install 'rnl_fast[nir]'") from error
 
-from ..simulation.network import AvgPool2x2, SpikingNetwork, SpikingNeurons, _ann_view, _Shapes
+from ..simulation.network import AvgPool2x2, SpikingNetwork, SpikingNeurons
 
 #: Metadata keys (the prefix keeps them apart from other tools' keys).
 RESET = "rnl_fast.reset"
@@ -147,10 +147,7 @@ def _shapes(snn: SpikingNetwork, example_input: Tensor) -> dict[str, tuple[int, 
     being their inputs' (a fused pool's output is the pool node's, added by the export)."""
     if not isinstance(example_input, Tensor) or example_input.dim() < 2:
         raise ValueError("example_input must be a batch tensor [B, *shape]")
-    shapes = _Shapes(_ann_view(snn.graph_module), what="example_input")
-    with torch.no_grad():  # in the layers' dtype, as the network casts its images
-        shapes.run(example_input[:1].to(snn.dtype))
-    return shapes.shapes
+    return snn._shape_pass(example_input, what="example_input").shapes
 
 
 def _is_plain_add(node: fx.Node) -> bool:

@@ -353,11 +353,17 @@ class SpikingNetwork(nn.Module):
         comes from one shape-propagation pass per image shape, cached: simulate() asks per batch."""
         key = tuple(x.shape[1:])
         if key not in self._activation_bytes_per_image:
-            shapes = _Shapes(_ann_view(self.graph_module))
-            with torch.no_grad():  # in the layers' dtype: snn.to(torch.bfloat16) takes float32 images
-                shapes.run(x[:1].to(self.dtype))
-            self._activation_bytes_per_image[key] = shapes.largest * 4
+            self._activation_bytes_per_image[key] = self._shape_pass(x).largest * 4
         return self._activation_bytes_per_image[key] * x.shape[0]
+
+    def _shape_pass(self, x: Tensor, what: str = "x") -> _Shapes:
+        """One image of ``x`` through the graph with each neuron layer as an identity (or its fused
+        pool), in the layers' dtype (``snn.to(torch.bfloat16)`` takes float32 images): every
+        node's shape, or a one-line error naming ``what`` and the node where ``x`` does not fit."""
+        shapes = _Shapes(_ann_view(self.graph_module), what)
+        with torch.no_grad():
+            shapes.run(x[:1].to(self.dtype))
+        return shapes
 
     def _run_graph(self, x: Tensor, steps: int, static: dict[str, Tensor]) -> Tensor:
         """One chunk of ``steps`` steps. Values that depend only on the image ("static": the
