@@ -155,7 +155,7 @@ void if_forward(const In* x, IFShape shape, NeuronParam<Acc> v_th, NeuronParam<A
     const SpanCuts cuts(shape.N, spikes, sizeof(Out), threads);
     std::vector<int64_t> my_step_counts(shape.T, 0);  // per thread: no atomics in the loop
     std::vector<Acc> th(th_scalar ? 1 : max_span);
-    std::vector<uint8_t> count(max_span);
+    std::vector<uint8_t> count(max_span);  // zero here, and again after each span (its last flush)
     const int64_t hi = cuts.share_start(tid + 1, threads);
     for (int64_t r0 = cuts.share_start(tid, threads), r1 = 0; r0 < hi; r0 = r1) {
       const Span span = cuts.span_at(r0, hi, r1);
@@ -167,7 +167,6 @@ void if_forward(const In* x, IFShape shape, NeuronParam<Acc> v_th, NeuronParam<A
         }
       }
       if (th_scalar) th[0] = v_th.at(0);
-      std::fill(count.begin(), count.begin() + (r1 - r0), uint8_t{0});
       const auto args = std::make_tuple(x, std::cref(shape), std::cref(span), th.data(), v_reset, v_final,
                                         count.data(), neuron_counts, spikes, my_step_counts.data());
       if (reset == Reset::kHard) {
