@@ -13,6 +13,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "huge_page_buffer.h"
 #include "if_kernel.h"
 #include "qcfs_kernel.h"
 #include "rate_norm_channel_kernel.h"
@@ -370,4 +371,16 @@ PYBIND11_MODULE(_C, m) {
                "dL/draw_p = grad_theta*running_max*p*(1 - p), p = sigmoid(raw_p).", "grad_theta", "raw_p",
                "running_max", "dtype");
   m.def("max_threads", []() { return omp_get_max_threads(); });
+
+  // The memory of a large CPU output (rnl_fast/ops/_pages.py wraps it in a tensor).
+  py::class_<HugePageBuffer>(m, "HugePageBuffer", py::buffer_protocol(),
+                             "nbytes of writable memory on a 2 MiB boundary, advised to huge pages.")
+      .def(py::init<std::size_t, bool>(), py::kw_only(), py::arg("nbytes"), py::arg("advise"))
+      .def_property_readonly("address", [](const HugePageBuffer& b) { return reinterpret_cast<uintptr_t>(b.data()); })
+      .def_property_readonly("nbytes", &HugePageBuffer::nbytes)
+      .def_property_readonly("advised", &HugePageBuffer::advised)
+      .def_buffer([](HugePageBuffer& b) {
+        return py::buffer_info(b.data(), 1, py::format_descriptor<uint8_t>::format(), 1,
+                               {static_cast<py::ssize_t>(b.nbytes())}, {1}, /*readonly=*/false);
+      });
 }

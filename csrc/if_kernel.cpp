@@ -20,7 +20,6 @@ namespace {
 
 using detail::kForwardBlock;
 using detail::kForwardSpan;
-using detail::kHugePage;
 using detail::kSpanSteps;
 // The backward keeps T × block membranes in a thread-local scratch: the block is as wide as fits
 // kBackwardScratch bytes (a core's L2), between 64 and kBackwardMaxBlock neurons. (Backward op,
@@ -106,13 +105,15 @@ void forward_span(const In* x, const IFShape& shape, const Span& span, const Acc
 // How if_forward cuts the neurons: each thread a contiguous share, each share in spans of at most
 // kForwardSpan. Where the shares are at least a huge page of a spike row (`grid` neurons: 2 MiB of
 // Out), shares and spans end on the 2 MiB boundaries of the spike tensor, so that each huge page
-// of a row is written by one span, right after the OS zeroed it (kForwardSpan). torch's THP
-// allocator does not align tensors to 2 MiB: the neurons are then taken in a rotated order that
-// starts at the first boundary (`head` neurons in) and wraps around, so the span that ends a row
-// also begins the next one, and the page that holds both is written by that span. (Spans counted
-// from neuron 0 left such pages to two spans: at T = 32 × 2M fp32 with the spikes 4 KB short of a
-// boundary, the C++ call into fresh huge pages took 28.3 ms against 23.6 when aligned.) Smaller
-// shares split the neurons evenly in multiples of kForwardBlock, in plain order.
+// of a row is written by one span, right after the OS zeroed it (kForwardSpan). rnl_fast's own
+// outputs start on a boundary (huge_page_buffer.h); torch's allocator, which gives the spikes under
+// RNL_FAST_HUGE_PAGES=0, does not align them to 2 MiB even with THP_MEM_ALLOC_ENABLE=1: the neurons
+// are then taken in a rotated order that starts at the first boundary (`head` neurons in) and
+// wraps around, so the span that ends a row also begins the next one, and the page that holds
+// both is written by that span. (Spans counted from neuron 0 left such pages to two spans: at
+// T = 32 × 2M fp32 with the spikes 4 KB short of a boundary, the C++ call into fresh huge pages
+// took 28.3 ms against 23.6 when aligned.) Smaller shares split the neurons evenly in multiples
+// of kForwardBlock, in plain order.
 struct SpanCuts {
   int64_t N, grid, head;
   bool on_grid;

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 
+#include "huge_page_buffer.h"  // kHugePage, the size the span walk aligns to
 #include "if_kernel.h"
 
 namespace rnl_fast {
@@ -38,8 +39,6 @@ constexpr int64_t kForwardSpan = int64_t{1} << 19;
 // per thread at fp32), which the shared L3 keeps hot when neighbours crowd it (C++ model, fresh huge
 // pages, 2 threads, a slow run: 21.3–22.4 ms with two, 24.2–26.4 with four, a plain copy 19.2–19.9).
 constexpr int kSpanSteps = 2;
-// The huge page size the span walk aligns to (x86-64 and arm64 Linux THP).
-constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
 
 // A block's starting state: thresholds and initial membranes of neurons [j0, j0 + n), counts 0.
 template <typename Acc>

@@ -1,8 +1,10 @@
-"""Huge pages for the kernels' large CPU outputs (rnl_fast/ops/_pages.py): which bytes are advised,
-that the ops' outputs end up on huge pages where Linux offers them on request, and the switch."""
+"""Huge pages for the kernels' large CPU outputs (rnl_fast/ops/_pages.py): which outputs start on a
+2 MiB boundary and keep torch.empty's contract, that they end up on huge pages where Linux offers
+them on request, and the switch."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -12,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rnl_fast import ops
+from rnl_fast import _C, ops, reference
 from rnl_fast.ops import _pages
-from rnl_fast.ops._pages import HUGE_PAGE, MIN_BYTES, advise_huge_pages, aligned_interior
+from rnl_fast.ops._pages import HUGE_PAGE, MIN_BYTES
 
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise is Linux's")
@@ -30,9 +32,10 @@ def _thp_mode() -> str | None:
 
 
 def _mappings(t: torch.Tensor) -> list[dict[str, str]]:
-    """The /proc/self/smaps entries of the mappings that hold the 2 MiB-aligned interior of ``t``'s
-    bytes (madvise splits a mapping: the advised interior becomes a mapping of its own)."""
-    lo, hi = aligned_interior(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+    """The /proc/self/smaps entries of the mappings that hold the whole huge pages of ``t``'s bytes
+    (madvise splits a mapping: the advised range becomes a mapping of its own)."""
+    start, nbytes = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+    lo, hi = -(-start // HUGE_PAGE) * HUGE_PAGE, (start + nbytes) // HUGE_PAGE * HUGE_PAGE
     assert hi > lo, "the tensor holds no whole huge page"
     found: list[dict[str, str]] = []
     for line in Path("/proc/self/smaps").read_text().splitlines():
@@ -48,44 +51,104 @@ def _mappings(t: torch.Tensor) -> list[dict[str, str]]:
     return found
 
 
+def _from_buffer(t: torch.Tensor) -> bool:
+    """Whether ``t``'s memory came from a HugePageBuffer (torch.frombuffer: a storage that cannot grow)."""
+    return not t.untyped_storage().resizable()
+
+
 @pytest.mark.parametrize(
-    ("start", "nbytes", "expected"),
+    ("shape", "dtype"),
     [
-        pytest.param(0, 2 * HUGE_PAGE, (0, 2 * HUGE_PAGE), id="aligned-both-ends"),
-        pytest.param(1, 2 * HUGE_PAGE, (HUGE_PAGE, 2 * HUGE_PAGE), id="one-byte-past-a-boundary"),
-        pytest.param(HUGE_PAGE - 1, HUGE_PAGE + 1, (HUGE_PAGE, 2 * HUGE_PAGE), id="from-one-byte-before"),
-        pytest.param(HUGE_PAGE - 1, HUGE_PAGE, (HUGE_PAGE, HUGE_PAGE), id="one-byte-short-of-a-page"),
-        pytest.param(16, HUGE_PAGE, (HUGE_PAGE, 0), id="less-than-a-page-inside"),
-        pytest.param(3 * HUGE_PAGE + 64, 5 * HUGE_PAGE, (4 * HUGE_PAGE, 8 * HUGE_PAGE), id="interior-only"),
+        pytest.param((MIN_BYTES // 4,), torch.float32, id="exactly-the-smallest"),
+        pytest.param((3, MIN_BYTES // 2 + 7), torch.bfloat16, id="odd-tail-bf16"),
+        pytest.param((5, 1 << 20), torch.uint8, id="uint8"),
+        pytest.param((2, 3, 1 << 20), torch.bool, id="bool"),
+        pytest.param((1 << 20,), torch.float64, id="float64"),
     ],
 )
-def test_aligned_interior(start, nbytes, expected):
-    lo, hi = aligned_interior(start, nbytes)
-    if expected[1] <= expected[0]:
-        assert hi <= lo  # nothing to advise
-    else:
-        assert (lo, hi) == expected
-    assert lo % HUGE_PAGE == 0 and hi % HUGE_PAGE == 0
+def test_large_outputs_start_on_a_huge_page(shape, dtype):
+    out = _pages.empty(shape, dtype, torch.device("cpu"))
+    assert out.shape == shape and out.dtype == dtype and out.is_contiguous() and out.device.type == "cpu"
+    assert out.data_ptr() % HUGE_PAGE == 0 and _from_buffer(out)
+    assert out.untyped_storage().nbytes() == out.numel() * dtype.itemsize  # the exact size, no slack
+    assert out.stride() == torch.empty(shape, dtype=dtype).stride()
+    assert out._base is None and not out.requires_grad  # a tensor of its own, not a view of a byte tensor
 
 
-@linux_only
-def test_advice_only_for_large_cpu_outputs():
-    assert advise_huge_pages(torch.empty(MIN_BYTES // 4, dtype=torch.float32))  # exactly the smallest
-    assert not advise_huge_pages(torch.empty(MIN_BYTES // 4 - 1, dtype=torch.float32))
-    assert not advise_huge_pages(torch.empty(0))
+def test_small_outputs_come_from_torch():
+    small = _pages.empty((MIN_BYTES // 4 - 1,), torch.float32, torch.device("cpu"))  # one element short
+    assert not _from_buffer(small)
+    assert _from_buffer(_pages.empty((MIN_BYTES // 4,), torch.float32, torch.device("cpu")))
+    assert _pages.empty((0, 7), torch.float32, torch.device("cpu")).shape == (0, 7)
+
+
+def test_strides_are_kept():
+    x = torch.empty(4, 64, 128, 128).to(memory_format=torch.channels_last)  # 16 MiB, channels last
+    out = _pages.empty_like(x)
+    assert out.stride() == x.stride() and out.is_contiguous(memory_format=torch.channels_last)
+    assert out.data_ptr() % HUGE_PAGE == 0 and out.untyped_storage().nbytes() == x.numel() * 4
+    with pytest.raises(ValueError, match="not dense"):
+        _pages.empty((4, 1 << 20), torch.float32, torch.device("cpu"), stride=(2 << 20, 1))
+
+
+def test_the_buffer_lives_as_long_as_the_tensor():
+    buffer = _C.HugePageBuffer(nbytes=MIN_BYTES, advise=False)
+    assert buffer.address % HUGE_PAGE == 0 and buffer.nbytes == MIN_BYTES and not buffer.advised
+    alone = sys.getrefcount(buffer)
+    t = torch.frombuffer(buffer, dtype=torch.uint8)
+    view = t[7:]
+    assert sys.getrefcount(buffer) == alone + 1  # the storage holds it
+    del t
+    gc.collect()
+    assert sys.getrefcount(buffer) == alone + 1  # the view's storage still does
+    del view
+    gc.collect()
+    assert sys.getrefcount(buffer) == alone  # the last tensor gave it back
+
+
+def test_op_outputs_survive_and_equal_the_reference():
+    """Large outputs written by the kernels outlive the op's locals: compute, collect, then compare
+    with the reference (a buffer freed too early would read back as garbage, or crash)."""
+    x = torch.rand(8, 1 << 18) * 1.6 - 0.3  # 8 MiB in: spikes 8 MiB, membrane and counts 1 MiB each
+    out = ops.if_sequence(x, v_th=1.0, count_neurons=True)
+    xc = (torch.rand(4, 64, 64, 64) * 3 - 1).to(memory_format=torch.channels_last)  # 4 MiB, channels last
+    y = ops.qcfs(xc, torch.tensor(1.5), 8)
+    gc.collect()
+    spikes, v, steps, counts = reference.if_sequence(x, v_th=1.0)
+    assert torch.equal(out.spikes, spikes) and torch.equal(out.step_counts, steps)
+    assert torch.equal(out.v, v) and torch.equal(out.neuron_counts, counts)
+    assert out.spikes.data_ptr() % HUGE_PAGE == 0 and _from_buffer(out.spikes)
+    assert not _from_buffer(out.v)  # 1 MiB: below MIN_BYTES, from torch
+    assert torch.equal(y, reference.qcfs(xc, torch.tensor(1.5), 8))
+    assert y.stride() == xc.stride() and y.data_ptr() % HUGE_PAGE == 0  # the layout kept, on huge pages
+
+
+def test_a_large_output_cannot_grow_in_place():
+    """The one difference from torch.empty, stated in the module's docstring."""
+    out = ops.if_sequence(torch.rand(4, 1 << 20), v_th=1.0).spikes
+    out.resize_(2, 1 << 20)  # shrinking needs no new memory
+    grown = out.clone().resize_(8, 1 << 20)  # a copy can grow
+    assert grown.shape == (8, 1 << 20)
+    with pytest.raises(RuntimeError, match="not resizable"):
+        out.resize_(8, 1 << 20)
+    # torch has set the new shape before it found that the storage cannot grow (as for
+    # torch.from_numpy's tensors): `out` must not be read any more.
+    assert out.untyped_storage().nbytes() == 4 * 4 << 20  # the buffer, as allocated
 
 
 def test_switch(monkeypatch):
     monkeypatch.setenv("RNL_FAST_HUGE_PAGES", "0")
     assert not _pages.huge_pages_wanted()
-    assert not advise_huge_pages(torch.empty(MIN_BYTES))
+    assert not _from_buffer(_pages.empty((MIN_BYTES,), torch.uint8, torch.device("cpu")))
+    assert not _from_buffer(ops.if_sequence(torch.rand(4, 1 << 20), v_th=1.0).spikes)
     monkeypatch.setenv("RNL_FAST_HUGE_PAGES", "1")
     assert _pages.huge_pages_wanted()
+    assert _from_buffer(ops.if_sequence(torch.rand(4, 1 << 20), v_th=1.0).spikes)
     monkeypatch.setenv("RNL_FAST_HUGE_PAGES", "yes")
     with pytest.raises(ValueError, match=r"RNL_FAST_HUGE_PAGES must be one of \('0', '1'\), got 'yes'"):
         ops.if_sequence(torch.rand(4, 3), v_th=1.0)  # a bad value fails every op, not only large ones
     with pytest.raises(ValueError, match="RNL_FAST_HUGE_PAGES"):
-        advise_huge_pages(torch.empty(MIN_BYTES))
+        _pages.empty((MIN_BYTES,), torch.uint8, torch.device("cpu"))
 
 
 # 8 × 1M fp32 neurons: 32 MiB, whose interior holds 15 or 16 huge pages.

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from ..numerics import compute_dtype_of
+from . import _pages
 from ._backend import cpp_dtype
-from ._pages import advise_huge_pages
 from .layout import in_order, logical, neuron_order, param_in_order, time_major
 
 
@@ -71,9 +71,9 @@ class ForwardIO(NamedTuple):
             x2,
             param_in_order(v_th, order),
             param_in_order(v_init, order),
-            _output(torch.empty(N, dtype=compute_dtype_of(x.dtype), device=x.device)),
+            _pages.empty((N,), compute_dtype_of(x.dtype), x.device),
             torch.empty(T, dtype=torch.int64, device=x.device),
-            _output(torch.empty(N if count_neurons else 0, dtype=torch.int32, device=x.device)),
+            _pages.empty((N if count_neurons else 0,), torch.int32, x.device),
         )
 
     def counted(self) -> Tensor | None:
@@ -100,12 +100,6 @@ class ForwardIO(NamedTuple):
     def outputs(self) -> tuple[Tensor, Tensor, Tensor]:
         """Final membrane, step counts, neuron counts, with x's logical neuron shape and layout."""
         return _state_outputs(self.v_final, self.step_counts, self.neuron_counts, self.neuron_shape, self.order)
-
-
-def _output(out: Tensor) -> Tensor:
-    """A fresh per-neuron output, on huge pages where it is large enough (:mod:`._pages`)."""
-    advise_huge_pages(out)
-    return out
 
 
 def _state_outputs(

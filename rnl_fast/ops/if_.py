@@ -14,11 +14,11 @@ from torch import Tensor
 
 from .. import reference
 from ..numerics import compute_dtype_of
+from . import _pages
 from ._backend import backend_for, cpp, cpp_dtype, cpp_reset, threads, triton
 from ._checks import check_bool, check_if_input, check_spike_dtype, check_surrogate, check_v_reset, neuron_param
 from ._if_io import ForwardIO, IFResult, cpp_param_args, cpp_x_args, fake_state_outputs, if_result
 from ._library import custom_op
-from ._pages import advise_huge_pages
 from .layout import in_order, logical, neuron_order, time_major
 
 
@@ -37,8 +37,7 @@ def _if_forward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     io = ForwardIO.of(x, v_th, v_init, count_neurons)
     T, N = io.x2.shape
-    spikes = torch.empty((T, N), dtype=spike_dtype, device=x.device)
-    advise_huge_pages(spikes)
+    spikes = _pages.empty((T, N), spike_dtype, x.device)
     spike_store = spikes.view(torch.uint8) if spike_dtype == torch.bool else spikes
     if backend_for(x) == "triton":
         triton(x.device.type == "cpu").if_fwd(
@@ -93,8 +92,7 @@ def _if_backward(
     cdt = compute_dtype_of(x.dtype)
     gs = None if grad_spikes is None else grad_spikes.to(x.dtype).contiguous().view(T, N)
     gv = None if grad_v_final is None else grad_v_final.to(cdt).contiguous().view(N)
-    grad_x = torch.empty((T, N), dtype=x.dtype, device=x.device)
-    advise_huge_pages(grad_x)
+    grad_x = _pages.empty((T, N), x.dtype, x.device)
     grad_v_init = torch.empty(N, dtype=cdt, device=x.device)
     if backend_for(x) == "triton":
         triton(x.device.type == "cpu").if_bwd(

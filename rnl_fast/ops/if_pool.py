@@ -13,11 +13,11 @@ from torch import Tensor
 
 from .. import reference
 from ..numerics import compute_dtype_of
+from . import _pages
 from ._backend import backend_for, cpp, cpp_reset, threads, triton
 from ._checks import check_bool, check_if_input, check_number, check_v_reset, neuron_param
 from ._if_io import ForwardIO, IFResult, fake_state_outputs, if_result
 from ._library import custom_op
-from ._pages import advise_huge_pages
 from .layout import logical, neuron_order, pool_geometry, pool_out_size
 
 
@@ -35,8 +35,7 @@ def _if_pool_forward(
     io = ForwardIO.of(x, v_th, v_init, count_neurons, pool_dims=True)
     _, pooled_shape, (planes, H, W, inner) = pool_geometry(x, io.order, ceil_mode)
     T = x.shape[0]
-    pooled = torch.empty((T, math.prod(pooled_shape)), dtype=x.dtype, device=x.device)
-    advise_huge_pages(pooled)
+    pooled = _pages.empty((T, math.prod(pooled_shape)), x.dtype, x.device)
     if backend_for(x) == "triton":
         triton(x.device.type == "cpu").if_fwd_pool2x2(
             io.x2,

@@ -18,10 +18,10 @@ from torch import Tensor
 
 from .. import reference
 from ..numerics import compute_dtype_of
+from . import _pages
 from ._backend import backend_for, cpp, cpp_dtype, threads, triton
 from ._checks import check_float_tensor, check_one_element, check_qcfs_levels
 from ._library import custom_op
-from ._pages import advise_huge_pages
 from .layout import flat_in_memory_order, flat_like
 
 
@@ -41,8 +41,7 @@ def _cpp_input(x1: Tensor, threshold: Tensor, levels: int) -> dict:
 @custom_op("rnl_fast::qcfs_forward")
 def _qcfs_forward(x: Tensor, threshold: Tensor, levels: int) -> Tensor:
     x, x1, order = flat_in_memory_order(x)
-    y = torch.empty_like(x)
-    advise_huge_pages(y)
+    y = _pages.empty_like(x)
     y1 = flat_like(y, order)  # a view: y lies as x does
     if backend_for(x) == "triton":  # λ stays on the device: the kernel reads it
         triton(x.device.type == "cpu").qcfs_fwd(x1, threshold.to(compute_dtype_of(x.dtype)), y1, levels)
@@ -61,8 +60,7 @@ def _qcfs_backward(grad_y: Tensor, x: Tensor, threshold: Tensor, levels: int) ->
     x, x1, order = flat_in_memory_order(x)
     cdt = compute_dtype_of(x.dtype)
     g1 = flat_like(grad_y.to(x.dtype), order)
-    grad_x = torch.empty_like(x)
-    advise_huge_pages(grad_x)
+    grad_x = _pages.empty_like(x)
     grad_x1 = flat_like(grad_x, order)  # a view: grad_x lies as x does
     if backend_for(x) == "triton":
         grad_threshold = torch.empty((), dtype=cdt, device=x.device)

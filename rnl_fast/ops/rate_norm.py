@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .. import reference
 from ..numerics import THETA_EPS, compute_dtype_of
+from . import _pages
 from ._backend import backend_for, cpp, cpp_dtype, threads, triton
 from ._checks import (
     check_bool,
@@ -32,7 +33,6 @@ from ._checks import (
     check_running_max,
 )
 from ._library import custom_op
-from ._pages import advise_huge_pages
 from .layout import channel_inner, flat_in_memory_order, flat_like
 
 
@@ -80,8 +80,7 @@ def _rate_norm_forward(
     x, x1, order = flat_in_memory_order(x)
     channels, inner = _channels(x, order, channel_wise)
     cdt = compute_dtype_of(x.dtype)
-    r = torch.empty_like(x)
-    advise_huge_pages(r)
+    r = _pages.empty_like(x)
     r1 = flat_like(r, order)  # a view: r lies as x does
     running_max_out = torch.empty(running_max.shape, dtype=torch.float32, device=x.device)
     if backend_for(x) == "triton":
@@ -137,8 +136,7 @@ def _rate_norm_backward(
     channels, inner = _channels(x, order, channel_wise)
     cdt = compute_dtype_of(x.dtype)
     g1 = None if grad_r is None else flat_like(grad_r.to(x.dtype), order)
-    grad_x = torch.empty_like(x)
-    advise_huge_pages(grad_x)
+    grad_x = _pages.empty_like(x)
     grad_x1 = flat_like(grad_x, order)  # a view: grad_x lies as x does
     if backend_for(x) == "triton":
         grad_raw = torch.empty((), dtype=cdt, device=x.device)
