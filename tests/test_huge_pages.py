@@ -91,6 +91,11 @@ def test_strides_are_kept():
         _pages.empty((4, 1 << 20), torch.float32, torch.device("cpu"), stride=(2 << 20, 1))
 
 
+def test_out_of_memory_says_what_it_tried():
+    with pytest.raises(MemoryError, match=r"cannot allocate 4,611,686,018,427,387,904 bytes for a \[2, 1, 2305843"):
+        _pages.empty((2, 1, 1 << 61), torch.uint8, torch.device("cpu"))  # 4 EiB: beyond any address space
+
+
 def test_the_buffer_lives_as_long_as_the_tensor():
     buffer = _C.HugePageBuffer(nbytes=MIN_BYTES, advise=False)
     assert buffer.address % HUGE_PAGE == 0 and buffer.nbytes == MIN_BYTES and not buffer.advised

@@ -77,7 +77,13 @@ def empty(
         stride = _contiguous_strides(shape)
     elif 1 + sum((n - 1) * s for n, s in zip(shape, stride, strict=True)) != numel:
         raise ValueError(f"rnl_fast: stride {tuple(stride)} is not dense for shape {shape}")
-    buffer = cpp().HugePageBuffer(nbytes=numel * dtype.itemsize, advise=True)
+    try:
+        buffer = cpp().HugePageBuffer(nbytes=numel * dtype.itemsize, advise=True)
+    except MemoryError:
+        raise MemoryError(
+            f"rnl_fast: cannot allocate {numel * dtype.itemsize:,} bytes for a {list(shape)} {dtype} output "
+            "(the process is out of memory: a smaller batch, or a chunk size for long simulations, needs less)"
+        ) from None
     storage = torch.frombuffer(buffer, dtype=torch.uint8).untyped_storage()  # holds the buffer
     return torch.empty(0, dtype=dtype, device="cpu").set_(storage, 0, shape, tuple(stride))
 
