@@ -3,9 +3,10 @@
 //
 // Why aligned: torch's CPU allocator places a large tensor wherever glibc does, 64 bytes into a
 // page and some hundred KB past a 2 MiB boundary, so the first and last partial huge pages of
-// every output (and the whole of a 4–8 MiB one) fault in 4 KB at a time: ~1,000 extra faults per
-// IF forward call at T = 32, 2M neurons, and 1.25× the time of a clone of its input into fresh
-// huge pages against 1.13× when all three outputs start on a 2 MiB boundary (probe, 2-core VM).
+// every output (and the whole of a 4–8 MiB one) fault in 4 KB at a time: 1,672 faults per IF
+// forward call at T = 32, 2M neurons against 142 when all three outputs start on a 2 MiB
+// boundary, and 1.25× the time of a clone of its input into fresh huge pages against 1.13×
+// (probe, 2-core VM).
 // The memory comes from posix_memalign, so glibc's heap keeps and reuses it as it keeps any other
 // block (rnl_fast.reuse_freed_memory), and the size is exact: the tail after the last whole
 // huge page stays on 4 KB pages rather than rounding every output up by as much as 2 MiB.

@@ -128,6 +128,15 @@ def test_op_outputs_survive_and_equal_the_reference():
     assert y.stride() == xc.stride() and y.data_ptr() % HUGE_PAGE == 0  # the layout kept, on huge pages
 
 
+def test_backward_outputs_start_on_a_huge_page():
+    """The IF backward's two gradients: dL/dx [T, N] and dL/dv_init [N] (4 MiB here)."""
+    x = (torch.rand(4, 1 << 20) * 1.2).requires_grad_()
+    v_init = torch.zeros(1 << 20, requires_grad=True)
+    ops.if_sequence(x, v_th=1.0, v_init=v_init).spikes.sum().backward()
+    for grad in (x.grad, v_init.grad):  # the backward op's outputs themselves: the first gradient is not copied
+        assert grad.data_ptr() % HUGE_PAGE == 0 and _from_buffer(grad)
+
+
 def test_a_large_output_cannot_grow_in_place():
     """The one difference from torch.empty, stated in the module's docstring."""
     out = ops.if_sequence(torch.rand(4, 1 << 20), v_th=1.0).spikes

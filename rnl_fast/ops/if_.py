@@ -93,7 +93,7 @@ def _if_backward(
     gs = None if grad_spikes is None else grad_spikes.to(x.dtype).contiguous().view(T, N)
     gv = None if grad_v_final is None else grad_v_final.to(cdt).contiguous().view(N)
     grad_x = _pages.empty((T, N), x.dtype, x.device)
-    grad_v_init = torch.empty(N, dtype=cdt, device=x.device)
+    grad_v_init = _pages.empty((N,), cdt, x.device)
     if backend_for(x) == "triton":
         triton(x.device.type == "cpu").if_bwd(
             gs,
